@@ -1,0 +1,101 @@
+"""The only place that adapts sam3 0.1.4 to machines without CUDA (and to a known sam3 bug).
+
+Each adaptation names the sam3 line it works around. On a CUDA machine the construction-time and
+post-processing paths are untouched; the focal-loss switch applies everywhere (sam3 issue #575).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+_APPLIED = False
+
+
+def has_cuda() -> bool:
+    """Whether a CUDA device is usable in this process."""
+    return torch.cuda.is_available()
+
+
+def precompute_resolution(resolution: int) -> int | None:
+    """Resolution for sam3's construction-time caches, or None where they would need CUDA.
+
+    sam3/model/position_encoding.py:47 (`PositionEmbeddingSine(precompute_resolution=...)`) and
+    sam3/model/decoder.py:281 (`TransformerDecoder(resolution=..., stride=...)`) allocate on "cuda" in
+    `__init__`. Passing None is functionally equivalent: both caches fill lazily on first forward.
+    """
+    return resolution if has_cuda() else None
+
+
+def _patch_pin_memory() -> None:
+    """sam3/model/geometry_encoders.py:659 calls `Tensor.pin_memory()` on every forward.
+
+    Without an accelerator pinning raises; pinned memory only matters for host→GPU copies, so on a
+    machine without CUDA `pin_memory` returns the tensor itself.
+    """
+    if has_cuda():
+        return
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+
+
+def _patch_focal_loss() -> None:
+    """sam3/train/loss/loss_fns.py:134 defaults `sigmoid_focal_loss(triton=True)`.
+
+    The Triton kernel fails without CUDA and gives NaN gradients at gamma=0 (the presence loss
+    setting, sam3 issue #575). The torch path computes the same loss, so it is used everywhere.
+    """
+    from sam3.train.loss import loss_fns
+
+    original = loss_fns.sigmoid_focal_loss
+    if isinstance(original, functools.partial):
+        return
+    loss_fns.sigmoid_focal_loss = functools.partial(original, triton=False)
+
+
+def bpe_vocab_path() -> str:
+    """Path of the BPE vocabulary sam3's tokenizer needs.
+
+    sam3/model_builder.py:565 looks for `assets/bpe_simple_vocab_16e6.txt.gz` next to the package, but
+    the 0.1.4 wheel does not ship it; open_clip_torch ships the identical file.
+
+    Raises:
+        FileNotFoundError: neither location has the file.
+    """
+    import sam3
+
+    bundled = Path(sam3.__file__).parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    if bundled.exists():
+        return str(bundled)
+    try:
+        import open_clip
+    except ImportError as err:
+        raise FileNotFoundError(
+            "SAM3's BPE vocabulary is missing: install open_clip_torch (pip install open_clip_torch), "
+            "which ships bpe_simple_vocab_16e6.txt.gz"
+        ) from err
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"open_clip_torch is installed but {path} is missing; reinstall it")
+    return str(path)
+
+
+def postprocess_on_gpu() -> bool:
+    """Value for `PostProcessImage(always_interpolate_masks_on_gpu=...)`.
+
+    sam3/eval/postprocessors.py:154 asserts the target sizes live on CUDA when this flag is set.
+    """
+    return has_cuda()
+
+
+def apply() -> None:
+    """Apply the runtime patches once per process (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _patch_pin_memory()
+    _patch_focal_loss()
+    _APPLIED = True
