@@ -127,9 +127,9 @@ def validation_panel(
     """
     images = batch.img_batch[:max_images]
     metadata = batch.find_metadatas[0]
+    input_size = torch.tensor(images.shape[-2:]).repeat(len(metadata.original_size), 1)
     display = SimpleNamespace(original_image_id=batch.find_inputs[0].img_ids.cpu(),
-                              original_category_id=metadata.original_category_id.cpu(),
-                              original_size=torch.tensor(images.shape[-2:]).repeat(len(metadata.original_size), 1)))
+                              original_category_id=metadata.original_category_id.cpu(), original_size=input_size)
     by_image = defaultdict(list)
     for detection in predictions_to_coco(final_predictions(sam3_output), display):
         if detection["score"] >= threshold:
