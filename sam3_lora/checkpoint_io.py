@@ -114,9 +114,12 @@ def stock_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
     return {"model": {DETECTOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}}
 
 
-def save_stock_checkpoint(state: dict[str, torch.Tensor], out: str | os.PathLike) -> None:
-    """Write a stock-layout SAM3 checkpoint atomically (.pt via torch.save, .safetensors flat)."""
-    payload = stock_checkpoint(state)
+def save_stock_checkpoint(state: dict[str, torch.Tensor], out: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write a stock-layout SAM3 checkpoint atomically (.pt via torch.save, .safetensors flat).
+
+    `extra` entries (e.g. the model config) sit beside "model" in a .pt; sam3's loader ignores them.
+    """
+    payload = {**stock_checkpoint(state), **(extra or {})}
     with atomic_path(out) as tmp:
         if str(out).endswith(".safetensors"):
             from safetensors.torch import save_file

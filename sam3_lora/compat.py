@@ -55,6 +55,37 @@ def _patch_focal_loss() -> None:
     loss_fns.sigmoid_focal_loss = functools.partial(original, triton=False)
 
 
+def _patch_peft_mha_exact_unmerge() -> None:
+    """Make PEFT's LoRA-on-MultiheadAttention give back the frozen weights bit for bit.
+
+    Not a sam3 line but the adapter library SAM3's attention needs: peft/tuners/lora/layer.py
+    `MultiheadAttention.forward` merges the adapter into `in_proj_weight`/`out_proj.weight` for every
+    call and `unmerge` subtracts it again, so frozen base weights drift by float rounding each step.
+    Keeping the original tensors across merge → unmerge restores them exactly.
+    """
+    from peft.tuners.lora.layer import MultiheadAttention
+
+    if getattr(MultiheadAttention, "_sam3_lora_exact", False):
+        return
+    merge, unmerge = MultiheadAttention.merge, MultiheadAttention.unmerge
+
+    def exact_merge(self, *args, **kwargs):
+        base = self.get_base_layer()
+        self._frozen_originals = (base.in_proj_weight.data, base.out_proj.get_base_layer().weight.data)
+        return merge(self, *args, **kwargs)
+
+    def exact_unmerge(self):
+        originals = getattr(self, "_frozen_originals", None)
+        unmerge(self)
+        if originals is not None:
+            base = self.get_base_layer()
+            base.in_proj_weight.data, base.out_proj.get_base_layer().weight.data = originals
+            self._frozen_originals = None
+
+    MultiheadAttention.merge, MultiheadAttention.unmerge = exact_merge, exact_unmerge
+    MultiheadAttention._sam3_lora_exact = True
+
+
 def bpe_vocab_path() -> str:
     """Path of the BPE vocabulary sam3's tokenizer needs.
 
@@ -98,4 +129,5 @@ def apply() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _patch_pin_memory()
     _patch_focal_loss()
+    _patch_peft_mha_exact_unmerge()
     _APPLIED = True

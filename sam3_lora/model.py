@@ -33,6 +33,9 @@ from sam3_lora.checkpoint_io import load_base_weights
 
 log = logging.getLogger(__name__)
 
+# Checkpoints shipped inside the package, addressed by name so adapter configs stay portable.
+BUILTIN_CHECKPOINTS = {"builtin:tiny": Path(__file__).parent / "assets" / "sam3_tiny_shapes.safetensors"}
+
 
 def _attention(d_model: int, heads: int, dropout: float, batch_first: bool = False) -> nn.Module:
     return MultiheadAttention(num_heads=heads, dropout=dropout, embed_dim=d_model, batch_first=batch_first)
@@ -235,6 +238,8 @@ def freeze(model: nn.Module) -> nn.Module:
 def resolve_checkpoint(checkpoint: str | None) -> str | None:
     """Turn `model.checkpoint` into a local file path (downloading for "hub"), or None.
 
+    "builtin:tiny" names the pretrained tiny SAM3 shipped in the package (experiment=pretrain_tiny).
+
     Raises:
         FileNotFoundError: a local path that does not exist.
         RuntimeError: the hub is unreachable or the repository is gated for this account.
@@ -243,6 +248,8 @@ def resolve_checkpoint(checkpoint: str | None) -> str | None:
         return None
     if checkpoint == "hub":
         return _download_from_hub()
+    if checkpoint in BUILTIN_CHECKPOINTS:
+        return str(BUILTIN_CHECKPOINTS[checkpoint])
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise FileNotFoundError(
