@@ -132,5 +132,6 @@ def _object(sample: TransformedSample, position: int, has_mask: bool) -> Object:
     box = sample.boxes[position]
     segment = sample.masks[position] if sample.masks is not None and has_mask else None
     side = sample.image.shape[-1]
-    area = float(segment.sum()) if segment is not None else float(box[2] * box[3]) * side * side
+    _, _, w, h = box.tolist()  # python floats: no torch kernels per object (see transforms.py)
+    area = float(sample.mask_areas[position]) if segment is not None else w * h * side * side
     return Object(bbox=box, area=area, object_id=position, frame_index=0, segment=segment, is_crowd=False)

@@ -30,12 +30,14 @@ class TransformedSample:
         image: (3, R, R) float32, normalised to [-1, 1].
         boxes: (N, 4) float32 normalised cxcywh of the kept objects (sam3's target format).
         masks: (N, R, R) bool of the kept objects, or None when no masks were given.
+        mask_areas: (N,) pixel count of each kept mask (None without masks).
         kept: indices (into the input object list) of the objects still in the frame, in output order.
     """
 
     image: torch.Tensor
     boxes: torch.Tensor
     masks: torch.Tensor | None
+    mask_areas: np.ndarray | None
     kept: list[int]
 
 
@@ -105,28 +107,36 @@ def apply_transform(transform: A.Compose, image: np.ndarray, boxes: list, masks:
                     object_index=list(range(len(boxes))), **kwargs)
     kept = [int(i) for i in out["object_index"]]
     side = out["image"].shape[0]
+    kept_masks = _kept_masks(out["masks"], kept, side) if masks else None
     return TransformedSample(
         image=image_to_tensor(out["image"]),
         boxes=_normalised_cxcywh(np.asarray(out["bboxes"], np.float32).reshape(-1, 4), side),
-        masks=_kept_masks(out["masks"], kept) if masks else None,
+        masks=torch.from_numpy(kept_masks) if masks else None,
+        mask_areas=kept_masks.sum(axis=(1, 2)) if masks else None,
         kept=kept,
     )
 
 
+# The per-item arithmetic below is numpy + zero-copy torch.from_numpy on purpose: with num_workers=0 it runs in
+# the training process, where torch's multi-threaded kernels on small tensors are 10x slower than numpy when the
+# cores are busy (measured: 28 ms vs 3 ms per 112 px item on 2 shared cores).
 def _normalised_cxcywh(boxes_xywh: np.ndarray, side: int) -> torch.Tensor:
     x, y, w, h = boxes_xywh.T
-    return torch.from_numpy(np.stack([x + w / 2, y + h / 2, w, h], axis=1) / np.float32(side)).float()
+    return torch.from_numpy((np.stack([x + w / 2, y + h / 2, w, h], axis=1) / np.float32(side)).astype(np.float32))
 
 
-def _kept_masks(masks: list[np.ndarray] | np.ndarray, kept: list[int]) -> torch.Tensor:
-    stacked = np.asarray(masks)
-    side = stacked.shape[-1]
-    return torch.from_numpy(stacked[kept] > 0) if kept else torch.zeros(0, side, side, dtype=torch.bool)
+def _kept_masks(masks: list[np.ndarray] | np.ndarray, kept: list[int], side: int) -> np.ndarray:
+    if not kept:
+        return np.zeros((0, side, side), bool)
+    return np.stack([np.asarray(masks[k]) > 0 for k in kept])
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(R, R, 3) uint8 → (3, R, R) float32 normalised with mean = std = 0.5 (SAM3's input convention)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    chw *= np.float32(1 / 127.5)
+    chw -= np.float32(1.0)
+    return torch.from_numpy(chw)
 
 
 def eval_image_tensor(image_rgb: np.ndarray, resolution: int) -> torch.Tensor:
