@@ -22,12 +22,18 @@ ORIGINAL_SIZE = (60, 80)  # (H, W) of the pretend original images; the model see
 NUM_QUERIES = 20          # decoder queries of conf/model/sam3_tiny.yaml
 
 
-def tiny_model() -> tuple[torch.nn.Module, dict]:
-    """The random-init tiny SAM3 of conf/model/sam3_tiny.yaml, in eval mode (seeded)."""
+def tiny_config() -> dict:
+    """`build_sam3` kwargs of conf/model/sam3_tiny.yaml (random init)."""
     config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(CONF / "sam3.yaml"),
                                                     OmegaConf.load(CONF / "sam3_tiny.yaml")))
     config.pop("_target_")
     config.pop("defaults", None)
+    return config
+
+
+def tiny_model() -> tuple[torch.nn.Module, dict]:
+    """The random-init tiny SAM3, in eval mode (seeded), and its config."""
+    config = tiny_config()
     torch.manual_seed(0)
     return build_sam3(**config).eval(), config
 

@@ -1,0 +1,259 @@
+"""`sam3-lora predict`: images + noun-phrase prompts (+ optional box exemplars) → COCO results + PNG overlays.
+
+Each batch of images goes through the image backbone once; every prompt of an image is a find-query on that
+image (sam3's `collate_fn_api` batching), post-processed exactly as evaluation does
+(`evaluation.predictions_to_coco`), then thresholded for the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image as PILImage
+from rich.progress import track
+from sam3.model.utils.misc import copy_data_to_device
+from sam3.train.data.collator import collate_fn_api
+from sam3.train.data.sam3_image_dataset import Datapoint, FindQueryLoaded, Image, InferenceMetadata
+from torch import nn
+
+from sam3_lora.data.images import read_image_rgb
+from sam3_lora.data.transforms import eval_image_tensor
+from sam3_lora.evaluation.postprocess import final_predictions, predictions_to_coco
+from sam3_lora.visualize import draw_detections
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+BOX_ONLY_PROMPT = "visual"  # the text sam3 pairs with exemplar boxes when no phrase is given
+PREDICTIONS_FILE = "predictions.json"
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (their images, sorted, not recursive) into a list of image paths.
+
+    Raises:
+        FileNotFoundError: an input does not exist, or no image was found.
+    """
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"predict input {item} does not exist")
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {[str(i) for i in inputs]}")
+    return paths
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """Parse an exemplar box "x,y,w,h" (pixels of the original image, COCO xywh).
+
+    Raises:
+        ValueError: not four numbers, or a non-positive width/height.
+    """
+    try:
+        x, y, w, h = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"--box {text!r}: expected four comma-separated numbers x,y,w,h in pixels") from err
+    if w <= 0 or h <= 0:
+        raise ValueError(f"--box {text!r}: width and height must be positive")
+    return x, y, w, h
+
+
+def exemplar_boxes(boxes: Sequence[Sequence[float]], height: int, width: int) -> torch.Tensor:
+    """Pixel xywh boxes → the normalised cxcywh (n, 4) tensor sam3's geometry encoder reads."""
+    xywh = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    cxcywh = torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], dim=1) / scale
+    return cxcywh.clamp(0, 1)
+
+
+def build_datapoint(image: torch.Tensor, image_index: int, original_size: tuple[int, int], prompts: Sequence[str],
+                    boxes: Sequence[Sequence[float]] | None = None) -> Datapoint:
+    """One image and one find-query per prompt (category id = prompt position + 1), boxes as exemplars.
+
+    Args:
+        image: (3, R, R) model input from `eval_image_tensor`.
+        image_index: the id the results will carry.
+        original_size: (H, W) of the image file.
+        prompts: noun phrases.
+        boxes: positive exemplar boxes (pixel xywh), given to every query; None for text only.
+    """
+    exemplars = exemplar_boxes(boxes, *original_size) if boxes else None
+    labels = None if exemplars is None else torch.ones(len(exemplars), dtype=torch.long)  # 1 = positive
+    queries = [
+        FindQueryLoaded(
+            query_text=prompt, image_id=0, object_ids_output=[], is_exhaustive=True,
+            input_bbox=exemplars, input_bbox_label=labels,
+            inference_metadata=InferenceMetadata(
+                coco_image_id=image_index, original_image_id=image_index, original_category_id=position + 1,
+                original_size=tuple(original_size), object_id=0, frame_index=0),
+        )
+        for position, prompt in enumerate(prompts)
+    ]
+    side = image.shape[-1]
+    return Datapoint(find_queries=queries, images=[Image(data=image, objects=[], size=(side, side))])
+
+
+@torch.inference_mode()
+def predict_datapoints(model: nn.Module, datapoints: list[Datapoint], topk: int = 100) -> list[dict]:
+    """Run the model once on a list of datapoints and return all their COCO results (unthresholded)."""
+    batch = collate_fn_api(datapoints, "all", with_seg_masks=False)["all"]
+    batch = copy_data_to_device(batch, _device(model), non_blocking=True)
+    outputs = final_predictions(model(batch))
+    return predictions_to_coco(outputs, batch.find_metadatas[0], topk=topk, with_masks="pred_masks" in outputs)
+
+
+def predict_images(
+    model: nn.Module,
+    image_paths: Sequence[str | Path],
+    prompts: Sequence[str],
+    resolution: int,
+    out_dir: str | Path,
+    threshold: float = 0.5,
+    boxes: Sequence[Sequence[float]] | None = None,
+    batch_size: int = 4,
+    topk: int = 100,
+    progress: bool = True,
+) -> list[dict]:
+    """Predict every prompt on every image; write `predictions.json` and one PNG overlay per image.
+
+    Args:
+        model: SAM3 in eval mode (base, adapted or merged), on the device to run on.
+        image_paths: image files.
+        prompts: noun phrases; result `category_id` is the prompt's position + 1, `category_name` the phrase.
+            May be empty when `boxes` are given (sam3's box-only prompt).
+        resolution: the model's input side.
+        out_dir: folder for `predictions.json` and `<image stem>.png` overlays (created).
+        threshold: minimum score kept in the file and drawn.
+        boxes: positive exemplar boxes (pixel xywh of each image) for SAM3's geometry encoder.
+        batch_size: images per forward pass.
+        topk: detections considered per (image, prompt) before thresholding.
+        progress: show a progress bar.
+
+    Returns:
+        The kept COCO results, each with `file_name` and `category_name` added.
+
+    Raises:
+        ValueError: neither prompts nor boxes were given.
+    """
+    if not prompts and not boxes:
+        raise ValueError("predict needs at least one --prompt or --box")
+    prompts = list(prompts) or [BOX_ONLY_PROMPT]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overlay_names = _overlay_names(image_paths)
+    kept = []
+    starts = range(0, len(image_paths), batch_size)
+    for start in track(starts, description="predict", disable=not progress):
+        chunk = list(enumerate(image_paths[start:start + batch_size], start=start))
+        kept += _predict_chunk(model, chunk, prompts, resolution, out_dir, overlay_names, threshold, boxes, topk)
+    (out_dir / PREDICTIONS_FILE).write_text(json.dumps(kept))
+    log.info("%d images, %d detections with score >= %s → %s", len(image_paths), len(kept), threshold, out_dir)
+    return kept
+
+
+def _predict_chunk(model, chunk, prompts, resolution, out_dir, overlay_names, threshold, boxes, topk) -> list[dict]:
+    images = {index: read_image_rgb(Path(path)) for index, path in chunk}
+    datapoints = [build_datapoint(eval_image_tensor(images[i], resolution), i, images[i].shape[:2], prompts, boxes)
+                  for i, _ in chunk]
+    by_image: dict[int, list[dict]] = {index: [] for index, _ in chunk}
+    for result in predict_datapoints(model, datapoints, topk):
+        if result["score"] >= threshold:
+            result["file_name"] = str(chunk[result["image_id"] - chunk[0][0]][1])
+            result["category_name"] = prompts[result["category_id"] - 1]
+            by_image[result["image_id"]].append(result)
+    for index, _ in chunk:
+        overlay = draw_detections(images[index], by_image[index])
+        PILImage.fromarray(overlay).save(out_dir / overlay_names[index])
+    return [result for index, _ in chunk for result in by_image[index]]
+
+
+def _overlay_names(image_paths: Sequence[str | Path]) -> list[str]:
+    names, seen = [], set()
+    for index, path in enumerate(image_paths):
+        name = f"{Path(path).stem}.png"
+        if name in seen or name == PREDICTIONS_FILE:
+            name = f"{Path(path).stem}_{index}.png"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def move_model(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Move a (possibly PEFT-wrapped) SAM3 and reset the device `Sam3Image` caches (DESIGN §4)."""
+    model = model.to(device)
+    for module in model.modules():
+        if hasattr(module, "_device"):
+            module._device = None
+    return model
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register `sam3-lora predict`'s arguments on a (sub)parser."""
+    parser.add_argument("paths", nargs="+", metavar="SOURCE IMAGES",
+                        help="an adapter directory or exported .pt (omit with --base), then image files or folders")
+    parser.add_argument("--base", action="store_true",
+                        help="predict with the base model (no adapter): --checkpoint and --model-config define it")
+    parser.add_argument("--prompt", action="append", default=[], help="noun phrase to find (repeatable)")
+    parser.add_argument("--box", action="append", default=[], type=_box_argument, metavar="X,Y,W,H",
+                        help="positive exemplar box in image pixels (repeatable), through SAM3's geometry encoder")
+    parser.add_argument("--out", required=True, help="output folder for predictions.json and PNG overlays")
+    parser.add_argument("--threshold", type=float, default=0.5, help="minimum score kept and drawn")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="--base only: SAM3 weights: a path, 'hub' (facebook/sam3, the default) or 'none' "
+                             "(random init)")
+    parser.add_argument("--model-config", default=None,
+                        help="JSON file of build_sam3 kwargs for --base or a .pt without a stored config")
+    return parser
+
+
+def _box_argument(text: str) -> tuple[float, float, float, float]:
+    try:
+        return parse_box(text)
+    except ValueError as err:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    """Run `sam3-lora predict` from parsed arguments; returns the process exit code (0 on success).
+
+    Raises:
+        ValueError: no image path after the source, or neither --prompt nor --box.
+    """
+    from sam3_lora.lora import load_model_for_inference
+
+    source, inputs = (None, args.paths) if args.base else (args.paths[0], args.paths[1:])
+    if not inputs:
+        raise ValueError("sam3-lora predict: give image files or folders after the adapter directory / .pt "
+                         "(or use --base to predict with the base model)")
+    if not args.prompt and not args.box:
+        raise ValueError("sam3-lora predict: give at least one --prompt \"phrase\" or --box x,y,w,h")
+    image_paths = find_images(inputs)
+    model, config = load_model_for_inference(source, _model_config(args))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = move_model(model, device).eval()
+    predict_images(model, image_paths, args.prompt, config.get("resolution", 1008), args.out,
+                   threshold=args.threshold, boxes=args.box or None, batch_size=args.batch_size)
+    return 0
+
+
+def _model_config(args: argparse.Namespace) -> dict:
+    config = json.loads(Path(args.model_config).read_text()) if args.model_config else {}
+    if args.base:
+        checkpoint = args.checkpoint or config.get("checkpoint", "hub")
+        config["checkpoint"] = None if str(checkpoint).lower() == "none" else checkpoint
+    return config
