@@ -254,6 +254,9 @@ def test_evaluator_deduplicates_repeated_queries_and_reports_empty_passes():
     batch = SimpleNamespace(find_metadatas=[metadata(PAIRS)])
     evaluator.update(sam3_outputs(perfect_detections()), batch)
     evaluator.update(sam3_outputs(perfect_detections()), batch)  # a DistributedSampler repeat
+    held = [r for query in evaluator._results.values() for r in query]
+    assert len(held) == len(PAIRS) * 2  # the repeat replaced, not added
+    assert all(isinstance(r["segmentation"]["counts"], str) for r in held)  # RLE only, never dense masks
     metrics = evaluator.compute()
     assert metrics["segm_mAP"] == pytest.approx(1.0, abs=TOL)
     assert metrics["bbox_AP/circle"] == pytest.approx(1.0, abs=TOL)
@@ -277,3 +280,19 @@ def test_segm_needs_masks_in_ground_truth():
     with pytest.raises(ValueError, match="iou_types=\\('bbox',\\)"):
         CocoEvaluator(coco_gt)
     assert CocoEvaluator(coco_gt, iou_types=("bbox",)).iou_types == ("bbox",)
+
+
+def test_prepare_ground_truth_reads_the_file_and_fills_what_cocoeval_needs(tmp_path):
+    annotation = gt_annotation(5, 1, 1, BOX_1)
+    del annotation["area"], annotation["iscrowd"]
+    box_only = {"id": 9, "image_id": 2, "category_id": 2, "bbox": [0, 0, 10, 5]}
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(gt_dataset([annotation, box_only])))
+    coco_gt = prepare_ground_truth(path, [1, 2])
+    loaded = {a["id"]: a for a in coco_gt.dataset["annotations"]}
+    assert sorted(loaded) == [1, 2]
+    assert loaded[1]["area"] == 16 * 16 and loaded[1]["iscrowd"] == 0  # area from the mask
+    assert loaded[2]["area"] == 50  # area from the box
+    assert len(coco_gt.dataset["images"]) == 2
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        prepare_ground_truth(tmp_path / "missing.json")

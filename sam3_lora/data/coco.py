@@ -81,6 +81,7 @@ class CocoSplit:
         records: one per usable image, including images without annotations (pure negatives).
         report: everything found while reading, with severities.
         clean_dataset: the repaired COCO dict (what `write_clean_json` writes).
+        dropped_categories: id → name of the background categories that were dropped.
     """
 
     name: str
@@ -89,6 +90,7 @@ class CocoSplit:
     records: list[ImageRecord]
     report: ValidationReport
     clean_dataset: dict = field(repr=False)
+    dropped_categories: dict[int, str] = field(default_factory=dict)
 
     def write_clean_json(self, path: Path) -> Path:
         """Write the repaired annotations (the ground truth to evaluate against) and return the path."""
@@ -100,6 +102,37 @@ class CocoSplit:
         """Raise `DataValidationError` listing every fatal problem, if any."""
         if self.report.fatal:
             raise DataValidationError(self.report.fatal)
+
+
+def resolve_split_paths(root: str | Path, explicit: dict[str, tuple[str | None, str | None]] | None = None
+                        ) -> dict[str, SplitPaths]:
+    """Paths of train, valid and (when present or given) test: Roboflow layout unless overridden.
+
+    Args:
+        root: dataset root (Roboflow layout).
+        explicit: split → (annotation file or None, image folder or None); an annotation file without an image
+            folder means the images sit next to it.
+    """
+    paths = {}
+    for name in ("train", "valid", "test"):
+        ann, images = (explicit or {}).get(name, (None, None))
+        default = SplitPaths.roboflow(root, name)
+        annotation_file = Path(ann) if ann else default.annotation_file
+        image_dir = Path(images) if images else (annotation_file.parent if ann else default.image_dir)
+        paths[name] = SplitPaths(annotation_file, image_dir)
+    if not (explicit or {}).get("test", (None, None))[0] and not paths["test"].annotation_file.exists():
+        del paths["test"]  # test is optional in the Roboflow layout
+    return paths
+
+
+def read_splits(paths: dict[str, SplitPaths], drop_background_category: bool = True,
+                decode_images: bool = False) -> dict[str, CocoSplit]:
+    """Read every split and check that evaluation splits use train's categories (see `read_split`)."""
+    splits = {name: read_split(p, name, drop_background_category, decode_images) for name, p in paths.items()}
+    for name, split in splits.items():
+        if name != "train" and "train" in splits and not split.report.fatal:
+            check_same_categories(splits["train"], split)
+    return splits
 
 
 def read_split(paths: SplitPaths, name: str, drop_background_category: bool = True,
@@ -123,15 +156,17 @@ def read_split(paths: SplitPaths, name: str, drop_background_category: bool = Tr
     images = validation.index_images(data["images"], file, report)
     categories = validation.index_categories(data["categories"], file, report)
     annotations = validation.clean_annotations(data["annotations"], images, categories, file, report)
-    if drop_background_category:
-        categories = _drop_background(categories, annotations)
+    kept = _drop_background(categories, annotations) if drop_background_category else categories
+    dropped = {i: c["name"] for i, c in categories.items() if i not in kept}
+    categories = kept
     validation.warn_unused_categories(categories, annotations, file, report)
     apply_exif = validation.check_image_files(images, paths.image_dir, file, report, decode_images)
     clean = {**data, "images": list(images.values()), "annotations": annotations,
              "categories": [categories[i] for i in sorted(categories)]}
     records = _records(clean, apply_exif, paths.image_dir)
     _log_report(name, report)
-    return CocoSplit(name, paths, {i: categories[i]["name"] for i in sorted(categories)}, records, report, clean)
+    return CocoSplit(name, paths, {i: categories[i]["name"] for i in sorted(categories)}, records, report, clean,
+                     dropped)
 
 
 def _drop_background(categories: dict[int, dict], annotations: list[dict]) -> dict[int, dict]:

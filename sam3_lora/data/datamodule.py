@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from sam3.model.data_misc import BatchedDatapoint
 from sam3.train.data.collator import collate_fn_api
 
-from sam3_lora.data.coco import CocoSplit, SplitPaths, check_same_categories, read_split
+from sam3_lora.data.coco import CocoSplit, SplitPaths, read_splits, resolve_split_paths
 from sam3_lora.data.dataset import DatasetSettings, EpochSampler, EvalDataset, SkipCounter, TrainDataset
 from sam3_lora.data.queries import EXTRA_PHRASE_CATEGORY_ID, QuerySpec, resolve_prompts
 from sam3_lora.data.report import DataValidationError
@@ -123,11 +123,7 @@ class CocoDataModule(LightningDataModule):
         if self._datasets:
             return
         self._generate_if_needed()
-        self.splits = {name: read_split(paths, name, self.drop_background_category, self.decode_images_on_setup)
-                       for name, paths in self.split_paths().items()}
-        for name in EVAL_SPLITS:
-            if name in self.splits:
-                check_same_categories(self.splits["train"], self.splits[name])
+        self.splits = read_splits(self.split_paths(), self.drop_background_category, self.decode_images_on_setup)
         fatal = [p for split in self.splits.values() for p in split.report.fatal]
         if fatal:
             raise DataValidationError(fatal)
@@ -136,17 +132,7 @@ class CocoDataModule(LightningDataModule):
 
     def split_paths(self) -> dict[str, SplitPaths]:
         """Paths of the splits to read: train and valid always, test when present or given explicitly."""
-        paths = {}
-        for name, (ann, images) in self.explicit.items():
-            if ann is not None:
-                paths[name] = SplitPaths(Path(ann), Path(images) if images else Path(ann).parent)
-            else:
-                paths[name] = SplitPaths.roboflow(self.root, name)
-                if images is not None:
-                    paths[name] = SplitPaths(paths[name].annotation_file, Path(images))
-        if self.explicit["test"][0] is None and not paths["test"].annotation_file.exists():
-            del paths["test"]  # test is optional in the Roboflow layout
-        return paths
+        return resolve_split_paths(self.root, self.explicit)
 
     def _generate_if_needed(self) -> None:
         if self.generate_shapes is None or SplitPaths.roboflow(self.root, "train").annotation_file.exists():
