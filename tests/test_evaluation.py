@@ -282,6 +282,14 @@ def test_segm_needs_masks_in_ground_truth():
     assert CocoEvaluator(coco_gt, iou_types=("bbox",)).iou_types == ("bbox",)
 
 
+def test_segm_needs_a_mask_head():
+    evaluator = CocoEvaluator(prepare_ground_truth(gt_dataset([gt_annotation(1, 1, 1, BOX_1)])))
+    outputs = sam3_outputs(perfect_detections())
+    del outputs["pred_masks"]
+    with pytest.raises(ValueError, match="segmentation=true"):
+        evaluator.update(outputs, SimpleNamespace(find_metadatas=[metadata(PAIRS)]))
+
+
 def test_prepare_ground_truth_reads_the_file_and_fills_what_cocoeval_needs(tmp_path):
     annotation = gt_annotation(5, 1, 1, BOX_1)
     del annotation["area"], annotation["iscrowd"]

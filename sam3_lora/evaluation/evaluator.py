@@ -56,9 +56,16 @@ class CocoEvaluator:
         Args:
             sam3_output: `Sam3Image.forward` output (eval mode) or its `final_predictions` dict.
             batch: the sam3 `BatchedDatapoint` it came from (`find_metadatas[0]` describes the queries).
+
+        Raises:
+            ValueError: "segm" is evaluated but the model has no mask head.
         """
         metadata = batch.find_metadatas[0]
-        results = predictions_to_coco(final_predictions(sam3_output), metadata, topk=self.topk,
+        outputs = final_predictions(sam3_output)
+        if "segm" in self.iou_types and "pred_masks" not in outputs:
+            raise ValueError("mask AP (iou_types with 'segm') needs a model with a mask head, but the outputs have "
+                             "no pred_masks: build the model with segmentation=true or evaluate iou_types=('bbox',)")
+        results = predictions_to_coco(outputs, metadata, topk=self.topk,
                                       with_masks="segm" in self.iou_types, mask_threshold=self.mask_threshold)
         queries = zip(metadata.original_image_id.tolist(), metadata.original_category_id.tolist())
         for key in queries:
