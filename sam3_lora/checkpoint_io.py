@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -127,3 +128,11 @@ def save_stock_checkpoint(state: dict[str, torch.Tensor], out: str | os.PathLike
             save_file(payload["model"], str(tmp))
         else:
             torch.save(payload, tmp)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint writer that writes to a temporary file and renames it into place."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)

@@ -1,0 +1,212 @@
+"""Sam3LoraModule: SAM3's own losses, AdamW parameter groups, schedule, COCO validation/test."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import lightning as L
+import torch
+from torch import nn
+
+from sam3_lora.evaluation import CocoEvaluator, prepare_ground_truth
+from sam3_lora.evaluation.box_only import has_box_only, segm_ground_truth
+from sam3_lora.losses import build_sam3_loss
+from sam3_lora.schedules import build_scheduler
+
+log = logging.getLogger(__name__)
+
+# Loss terms logged per step (sam3 also returns aux/o2m variants and accuracies, summed into core_loss).
+LOGGED_TERMS = ("core_loss", "loss_ce", "presence_loss", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
+_NO_DECAY = re.compile(r"(bias|norm|ln_|\.ln\d|embedding|embed\.weight|pos_embed|token)", re.IGNORECASE)
+
+
+def inner_sam3(model: nn.Module) -> nn.Module:
+    """The Sam3Image inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Sam3LoraModule(L.LightningModule):
+    """Train a (LoRA-adapted) SAM3 with sam3's matchers and losses; evaluate with COCO mAP.
+
+    Args:
+        model: a ready SAM3 (`apply_lora` output): only its trainable parameters are optimised and saved.
+        lr: learning rate of LoRA tensors.
+        head_lr: learning rate of fully trained modules (`lora.modules_to_save`); default `lr`.
+        weight_decay: AdamW decay; never applied to biases, norms and embeddings.
+        schedule: "cosine", "inverse_sqrt" or "constant" after `warmup_steps` (optimiser steps).
+        warmup_steps, cooldown_steps, min_lr_ratio: schedule shape.
+        with_masks: mask losses and segm evaluation: True, False or "auto" (model has a mask head and
+            the data has masks).
+        eval_topk: detections kept per (image, category) for COCO evaluation.
+        log_images_every_n_epochs: TensorBoard validation panel frequency (0 = never).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 2e-4, head_lr: float | None = None,
+                 weight_decay: float = 0.1, schedule: str = "cosine", warmup_steps: int = 20,
+                 cooldown_steps: int = 0, min_lr_ratio: float = 0.0, with_masks: bool | str = "auto",
+                 eval_topk: int = 100, log_images_every_n_epochs: int = 1):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.strict_loading = False  # checkpoints hold trainable weights only
+        self.loss_fn: nn.Module | None = None
+        self.evaluators: dict[str, list[CocoEvaluator]] = {}
+        self.category_names: dict[int, str] = {}
+
+    # ----- setup ------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        masks = self._masks_enabled(datamodule)
+        normalization = "global" if self.trainer.world_size > 1 else "local"
+        self.loss_fn = build_sam3_loss(with_masks=masks, normalization=normalization)
+        self.category_names = dict(datamodule.category_names)
+        for split in ("valid", "test"):
+            if split in datamodule.splits:
+                ground_truth = prepare_ground_truth(datamodule.annotation_file(split), datamodule.category_ids)
+                self.evaluators[split] = self._evaluators(ground_truth, masks)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        log.info("masks: %s, loss normalization: %s, trainable %d / %d parameters", masks, normalization,
+                 trainable, total)
+        self._parameter_counts = {"params/trainable": float(trainable), "params/total": float(total)}
+
+    def _evaluators(self, ground_truth, masks: bool) -> list[CocoEvaluator]:
+        """bbox and segm evaluation; segm treats box-only objects as ignore regions (see box_only.py)."""
+        settings = {"category_names": self.category_names, "topk": self.hparams.eval_topk}
+        if not masks:
+            return [CocoEvaluator(ground_truth, iou_types=("bbox",), **settings)]
+        if not has_box_only(ground_truth):
+            return [CocoEvaluator(ground_truth, iou_types=("bbox", "segm"), **settings)]
+        return [CocoEvaluator(ground_truth, iou_types=("bbox",), **settings),
+                CocoEvaluator(segm_ground_truth(ground_truth), iou_types=("segm",), **settings)]
+
+    def _masks_enabled(self, datamodule) -> bool:
+        has_head = inner_sam3(self.model).segmentation_head is not None
+        setting = self.hparams.with_masks
+        if setting == "auto":
+            return has_head and datamodule.with_masks
+        if setting and not has_head:
+            raise ValueError("module.with_masks=true but the model has no mask head (model.segmentation=false)")
+        return bool(setting)
+
+    # ----- training ---------------------------------------------------------------------------------------
+    def forward(self, batch):
+        return self.model(batch)
+
+    def _losses(self, batch) -> dict[str, torch.Tensor]:
+        outputs = self.model(batch)
+        sam3 = inner_sam3(self.model)
+        targets = [sam3.back_convert(t) for t in batch.find_targets]
+        return self.loss_fn(outputs, targets)
+
+    def training_step(self, batch, batch_idx):
+        losses = self._losses(batch)
+        self._log_terms("train", losses, batch_size=len(batch.img_batch))
+        return losses["core_loss"]
+
+    def on_train_start(self) -> None:
+        self.log_dict(self._parameter_counts, rank_zero_only=True)
+
+    def _log_terms(self, stage: str, losses: dict, batch_size: int) -> None:
+        terms = {f"{stage}/{k}": v.detach() for k, v in losses.items() if k in LOGGED_TERMS}
+        on_step = stage == "train"
+        self.log_dict(terms, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step,
+                      prog_bar=False)
+        self.log(f"{stage}/loss", losses["core_loss"].detach(), on_step=on_step, on_epoch=not on_step,
+                 prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
+
+    # ----- evaluation -------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation("valid")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation("test")
+
+    def _start_evaluation(self, split: str) -> None:
+        for evaluator in self.evaluators.get(split, []):
+            evaluator.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluation_step("valid", "val", batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluation_step("test", "test", batch, batch_idx)
+
+    def _evaluation_step(self, split: str, stage: str, batch, batch_idx: int) -> None:
+        with torch.no_grad():
+            outputs = self.model(batch)
+        for evaluator in self.evaluators[split]:
+            evaluator.update(outputs, batch)
+        if stage == "val" and batch_idx == 0:
+            self._log_panel(batch, outputs)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("valid", "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test", "test")
+
+    def _finish_evaluation(self, split: str, stage: str) -> None:
+        metrics = {k: v for evaluator in self.evaluators[split] for k, v in evaluator.compute().items()}
+        primary = metrics.get("segm_mAP", metrics.get("bbox_mAP", -1.0))
+        logged = {f"{stage}/{k}": float(v) for k, v in metrics.items()}
+        logged[f"{stage}/mAP"] = float(primary)  # the checkpoint criterion: segm when masks, else bbox
+        self.log_dict(logged, sync_dist=False, rank_zero_only=False)
+        self.last_metrics = {stage: logged}
+
+    def _log_panel(self, batch, outputs) -> None:
+        every = self.hparams.log_images_every_n_epochs
+        writer = _tensorboard_writer(self)
+        if not every or writer is None or self.trainer.sanity_checking or self.current_epoch % every:
+            return
+        from sam3_lora.visualize import validation_panel
+
+        panel = validation_panel(batch, outputs, self.category_names)
+        writer.add_image("val/predictions", panel, self.global_step, dataformats="HWC")
+
+    # ----- optimisation -----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = parameter_groups(self.model, self.hparams.lr, self.hparams.head_lr or self.hparams.lr,
+                                  self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(groups)
+        scheduler = build_scheduler(optimizer, self.hparams.schedule, self.hparams.warmup_steps,
+                                    int(self.trainer.estimated_stepping_batches), self.hparams.cooldown_steps,
+                                    self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints: trainable weights only --------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        stored = set(checkpoint["state_dict"])
+        if stored != expected:
+            raise RuntimeError(
+                "checkpoint does not fit this model's trainable parameters "
+                f"(missing {sorted(expected - stored)[:5]}, unexpected {sorted(stored - expected)[:5]}): "
+                "use the same model.* and lora.* settings as the run that wrote it")
+
+
+def parameter_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: LoRA tensors / fully trained modules, each with and without weight decay."""
+    buckets: dict[tuple[str, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        kind = "lora" if "lora_" in name else "head"
+        decay = parameter.ndim > 1 and not _NO_DECAY.search(name)
+        buckets.setdefault((kind, decay), []).append(parameter)
+    return [{"params": params, "lr": lr if kind == "lora" else head_lr,
+             "weight_decay": weight_decay if decay else 0.0, "name": f"{kind}{'' if decay else '_no_decay'}"}
+            for (kind, decay), params in sorted(buckets.items())]
+
+
+def _tensorboard_writer(module: L.LightningModule):
+    for logger in module.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            return experiment
+    return None

@@ -1,0 +1,111 @@
+"""run(cfg): instantiate → (zero-shot test) → fit → test with the best checkpoint → metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from sam3_lora.checkpoint_io import atomic_path
+from sam3_lora.lora import save_adapter
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: DictConfig):
+    """Base SAM3 from `cfg.model`, then LoRA from `cfg.lora` (the model config travels with adapters)."""
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    model_config.pop("_target_", None)
+    base = instantiate(cfg.model)
+    return instantiate(cfg.lora, model=base, model_config=model_config, _convert_="all")
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                       default_root_dir=str(output_dir))
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train and/or evaluate as configured; return `cfg.optimized_metric` (for sweeps) or None.
+
+    Writes `metrics.json` (zero-shot and fine-tuned test metrics), `adapter/` (best adapter) and a
+    per-class AP chart into `cfg.output_dir`.
+    """
+    output_dir = Path(cfg.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, model=build_model(cfg))
+    trainer = build_trainer(cfg, output_dir)
+    metrics: dict[str, dict] = {}
+    if cfg.validate_before_fit or not cfg.train:
+        metrics["zero_shot"] = _test(trainer, module, datamodule, ckpt_path=None if cfg.train else cfg.ckpt_path)
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        best = _best_checkpoint(trainer)
+        if cfg.test:
+            metrics["fine_tuned"] = _test(trainer, module, datamodule, ckpt_path=best)
+        _export_adapter(module, output_dir)
+        if cfg.get("export_stock_checkpoint"):
+            _export_stock(module, cfg.export_stock_checkpoint)
+    if not cfg.train and cfg.ckpt_path:
+        metrics = {"fine_tuned": metrics.pop("zero_shot")}
+    _write_metrics(metrics, output_dir, datamodule)
+    return _optimized_value(metrics, cfg.get("optimized_metric"))
+
+
+def _test(trainer: L.Trainer, module, datamodule, ckpt_path) -> dict:
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback else ""
+    return best or None
+
+
+@rank_zero_only
+def _export_adapter(module, output_dir: Path) -> None:
+    if hasattr(module.model, "peft_config"):
+        save_adapter(module.model, output_dir / "adapter")
+        log.info("adapter written to %s", output_dir / "adapter")
+
+
+@rank_zero_only
+def _export_stock(module, path: str) -> None:
+    from sam3_lora.checkpoint_io import save_stock_checkpoint
+    from sam3_lora.lora import merge_adapter
+
+    save_stock_checkpoint(merge_adapter(module.model).state_dict(), path)
+    log.info("stock SAM3 checkpoint written to %s", path)
+
+
+@rank_zero_only
+def _write_metrics(metrics: dict, output_dir: Path, datamodule) -> None:
+    from sam3_lora.evaluation import format_comparison
+    from sam3_lora.visualize import per_class_chart
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    zero_shot, fine_tuned = metrics.get("zero_shot", {}), metrics.get("fine_tuned", {})
+    if zero_shot and fine_tuned:
+        per_class_chart(zero_shot, fine_tuned, output_dir / "per_class_ap.png")
+    summary = format_comparison(zero_shot, fine_tuned)
+    log.info("test metrics (zero-shot vs fine-tuned):\n%s", summary)
+
+
+def _optimized_value(metrics: dict, name: str | None) -> float | None:
+    if not name:
+        return None
+    source = metrics.get("fine_tuned") or metrics.get("zero_shot") or {}
+    if name not in source:
+        raise KeyError(f"optimized_metric={name!r} is not among the test metrics {sorted(source)[:12]}")
+    return source[name]
