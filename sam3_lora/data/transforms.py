@@ -102,7 +102,8 @@ def apply_transform(transform: A.Compose, image: np.ndarray, boxes: list, masks:
         seed: drives every random choice of the pipeline.
     """
     transform.set_random_seed(seed)
-    kwargs = {"masks": masks} if masks else {}
+    # one (N, H, W) array: albumentations then transforms all masks per op instead of stacking a list each time
+    kwargs = {"masks": np.stack(masks)} if masks else {}
     out = transform(image=image, bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                     object_index=list(range(len(boxes))), **kwargs)
     kept = [int(i) for i in out["object_index"]]
@@ -112,7 +113,7 @@ def apply_transform(transform: A.Compose, image: np.ndarray, boxes: list, masks:
         image=image_to_tensor(out["image"]),
         boxes=_normalised_cxcywh(np.asarray(out["bboxes"], np.float32).reshape(-1, 4), side),
         masks=torch.from_numpy(kept_masks) if masks else None,
-        mask_areas=kept_masks.sum(axis=(1, 2)) if masks else None,
+        mask_areas=np.count_nonzero(kept_masks.reshape(len(kept), -1), axis=1) if masks else None,
         kept=kept,
     )
 
@@ -125,10 +126,11 @@ def _normalised_cxcywh(boxes_xywh: np.ndarray, side: int) -> torch.Tensor:
     return torch.from_numpy((np.stack([x + w / 2, y + h / 2, w, h], axis=1) / np.float32(side)).astype(np.float32))
 
 
-def _kept_masks(masks: list[np.ndarray] | np.ndarray, kept: list[int], side: int) -> np.ndarray:
+def _kept_masks(masks: np.ndarray, kept: list[int], side: int) -> np.ndarray:
     if not kept:
         return np.zeros((0, side, side), bool)
-    return np.stack([np.asarray(masks[k]) > 0 for k in kept])
+    # masks are 0/1 uint8 (pycocotools) and stay 0/1 under nearest resize, flips and zero padding: view as bool
+    return np.ascontiguousarray(masks[kept]).view(bool)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
