@@ -124,9 +124,9 @@ def test_a_datamodule_batch_trains_the_tiny_sam3(shapes_root):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def _compose(group_file: str, **data_overrides):
+def _compose(group_file: str, overrides: tuple = (), **data_overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name=None, overrides=[f"+data={group_file}"])
+        cfg = compose(config_name=None, overrides=[f"+data={group_file}", *overrides])
     OmegaConf.set_struct(cfg, False)
     cfg.model = {"resolution": RESOLUTION}
     cfg.data.update(data_overrides)
@@ -134,10 +134,12 @@ def _compose(group_file: str, **data_overrides):
 
 
 def test_coco_config_instantiates_the_datamodule(shapes_root):
-    cfg = _compose("coco", root=str(shapes_root), num_workers=0)
+    overrides = ('data.prompts={2:"blue box",3:"green wedge"}', "data.num_negatives=all")
+    cfg = _compose("coco", overrides, root=str(shapes_root), num_workers=0)
     dm = instantiate(cfg.data)
     dm.setup()
     assert isinstance(dm, CocoDataModule) and dm.resolution == RESOLUTION and dm.category_ids == [1, 2, 3]
+    assert dm.category_names == {1: "red circle", 2: "blue box", 3: "green wedge"} and dm.num_negatives is None
 
 
 def test_shapes_config_generates_its_dataset_when_absent(tmp_path):
