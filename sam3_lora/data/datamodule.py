@@ -230,12 +230,12 @@ class CocoDataModule(LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, name: str) -> DataLoader:
-        dataset = self._datasets[name]
-        return self._loader(dataset, self.eval_batch_size, EpochSampler(len(dataset), self.seed, shuffle=False))
+        # evaluation is deterministic and in order: a plain sequential loader, which Lightning shards under DDP
+        return self._loader(self._datasets[name], self.eval_batch_size, sampler=None)
 
-    def _loader(self, dataset, batch_size: int, sampler: EpochSampler) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler: EpochSampler | None) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.num_workers,
             collate_fn=functools.partial(collate_batch, with_masks=self.with_masks),
             worker_init_fn=_worker_init, pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
