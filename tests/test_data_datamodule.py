@@ -44,6 +44,14 @@ def test_contract_properties(shapes_root):
     assert min(a["id"] for a in ground_truth["annotations"]) == 1
 
 
+def test_without_a_test_split_testing_uses_valid(shapes_root, tmp_path):
+    root = shutil.copytree(shapes_root, tmp_path / "data", ignore=shutil.ignore_patterns("test"))
+    dm = _datamodule(root)
+    assert "test" not in dm.splits
+    assert dm.annotation_file("test") == dm.annotation_file("valid")
+    assert len(dm.test_dataloader().dataset) == len(dm.val_dataloader().dataset) == SMALL_SHAPES["num_valid"]
+
+
 def test_train_batch_has_positives_and_the_sampled_negative(shapes_root):
     dm = _datamodule(shapes_root, num_negatives=1)
     batch = next(iter(dm.train_dataloader()))

@@ -174,8 +174,12 @@ class CocoDataModule(LightningDataModule):
 
     # ----- what evaluation and the model need ----------------------------------------------------------------
     def annotation_file(self, split: str) -> Path:
-        """The repaired ground-truth COCO json of a split (what evaluation must score against)."""
+        """The repaired ground-truth COCO json of a split (what evaluation must score against).
+
+        Without a test split, "test" means valid, as in `test_dataloader`.
+        """
         self._require_setup()
+        split = "valid" if split == "test" and "test" not in self._ground_truth else split
         if split not in self._ground_truth:
             raise KeyError(f"split '{split}' was not read; available: {sorted(self._ground_truth)}")
         return self._ground_truth[split]
