@@ -103,9 +103,9 @@ def _write_metrics(metrics: dict, output_dir: Path, datamodule) -> None:
 
 
 def _optimized_value(metrics: dict, name: str | None) -> float | None:
-    if not name:
-        return None
     source = metrics.get("fine_tuned") or metrics.get("zero_shot") or {}
+    if not name or not source:
+        return None
     if name not in source:
         raise KeyError(f"optimized_metric={name!r} is not among the test metrics {sorted(source)[:12]}")
     return source[name]

@@ -1,0 +1,87 @@
+"""`sam3-lora` console script: predict, export, check-data, make-shapes, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sam3_lora.lora import export_merged
+
+    out = export_merged(args.adapter_dir, args.out)
+    print(f"wrote stock SAM3 checkpoint {out} (keys detector.*; build_sam3_image_model(checkpoint_path=...) loads it)")
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from sam3_lora.data.check import check_data_main
+
+    return check_data_main(args.root, drop_background_category=not args.keep_background_category,
+                           decode_images=not args.headers_only)
+
+
+def _make_shapes(args: argparse.Namespace) -> int:
+    from sam3_lora.data.shapes import make_shapes_main
+
+    return make_shapes_main(args.out_dir, style=args.style, seed=args.seed, num_train=args.num_train,
+                            num_valid=args.num_valid, num_test=args.num_test)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from sam3_lora.predict import predict_main
+
+    return predict_main(args)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from sam3_lora.doctor import doctor_main
+
+    return doctor_main(None if args.checkpoint == "none" else args.checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam3-lora", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from sam3_lora.predict import add_predict_arguments
+
+    predict = commands.add_parser("predict", help="images + text prompts -> predictions.json and PNG overlays")
+    add_predict_arguments(predict).set_defaults(func=_predict)
+
+    export = commands.add_parser("export", help="adapter directory -> merged stock SAM3 checkpoint")
+    export.add_argument("adapter_dir")
+    export.add_argument("out", help="output .pt ({'model': {'detector.<name>': tensor}})")
+    export.set_defaults(func=_export)
+
+    check = commands.add_parser("check-data", help="validate a COCO/Roboflow dataset; exit 1 on fatal problems")
+    check.add_argument("root")
+    check.add_argument("--keep-background-category", action="store_true",
+                       help="keep Roboflow's empty category 0 (default: dropped, as in training)")
+    check.add_argument("--headers-only", action="store_true", help="read image headers only (faster)")
+    check.set_defaults(func=_check_data)
+
+    shapes = commands.add_parser("make-shapes", help="write the synthetic shapes dataset (Roboflow layout)")
+    shapes.add_argument("out_dir")
+    shapes.add_argument("--style", choices=["source", "target"], default="source")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--num-train", type=int, default=300)
+    shapes.add_argument("--num-valid", type=int, default=50)
+    shapes.add_argument("--num-test", type=int, default=50)
+    shapes.set_defaults(func=_make_shapes)
+
+    doctor = commands.add_parser("doctor", help="check what a run needs (torch, CUDA/bf16, sam3, vocabulary, weights)")
+    doctor.add_argument("--checkpoint", default="hub", help="model.checkpoint to resolve: path | hub | none")
+    doctor.set_defaults(func=_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
