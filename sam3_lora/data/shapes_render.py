@@ -18,7 +18,7 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond")
 STYLES = ("source", "target")
 # Shape radius as a fraction of the image's shorter side, per style.
-RADIUS_RANGE = {"source": (0.10, 0.22), "target": (0.06, 0.14)}
+RADIUS_RANGE = {"source": (0.10, 0.22), "target": (0.09, 0.18)}
 # An object less visible than this (fraction of its own area) is not drawn: it would be an unfair target.
 MIN_VISIBLE_FRACTION = 0.35
 _SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point precision
