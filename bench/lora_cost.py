@@ -107,8 +107,8 @@ def worker_infer(args) -> dict:
     config = model_config(args.full, args.resolution)
     torch.manual_seed(0)
     model = make_model(config, "full FT" if args.mode == "base" else "lora", args.rank)
-    if args.mode == "merged":
-        model = merge_adapter(model)
+    if args.mode == "merged":  # what users deploy: the exported stock checkpoint, loaded into a fresh SAM3
+        model = _reload_merged(merge_adapter(model), config)
     model = model.to(device).eval()
     batch = _to(make_batch(args.resolution, num_images=args.images), device)
     times = []
@@ -120,6 +120,16 @@ def worker_infer(args) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return {"infer_s": sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]}
+
+
+def _reload_merged(merged, config: dict):
+    from sam3_lora.checkpoint_io import save_stock_checkpoint
+    from sam3_lora.model import build_sam3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_stock_checkpoint(merged.state_dict(), Path(tmp) / "merged.safetensors")
+        del merged
+        return build_sam3(**{**config, "checkpoint": str(Path(tmp) / "merged.safetensors")})
 
 
 def _to(batch, device):
@@ -167,6 +177,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--images", type=int, default=2, help="images per batch (2 queries each)")
+    parser.add_argument("--parts", default="train,infer,size", help="comma list of: train, infer, size")
     parser.add_argument("--worker", choices=["train", "infer"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,23 +190,34 @@ def main() -> None:
 
 
 def report(args) -> None:
-    train = {mode: _spawn(args, "train", mode) for mode in TRAIN_MODES}
-    infer = {mode: _spawn(args, "infer", mode) for mode in ("base", "unmerged", "merged")}
-    sizes = adapter_sizes(args.full, args.resolution, args.rank)
-    full_ft = train["full FT"]
+    parts = set(args.parts.split(","))
     print(f"\n{'full' if args.full else 'tiny'} SAM3, {args.resolution} px, rank {args.rank}, "
           f"{args.images} images x 2 prompts, median of {args.steps} steps\n")
+    if "train" in parts:
+        print_train({mode: _spawn(args, "train", mode) for mode in TRAIN_MODES})
+    if "infer" in parts:
+        print_infer({mode: _spawn(args, "infer", mode) for mode in ("base", "unmerged", "merged")})
+    if "size" in parts:
+        sizes = adapter_sizes(args.full, args.resolution, args.rank)
+        print(f"\n| adapter (rank {args.rank}, vision+detr + heads) | base checkpoint | adapter / base |\n|---:|---:|---:|")
+        print(f"| {sizes['adapter_mb']:.2f} MB | {sizes['base_mb']:.1f} MB | "
+              f"{100 * sizes['adapter_mb'] / sizes['base_mb']:.2f} % |")
+
+
+def print_train(train: dict) -> None:
+    full_ft = train["full FT"]
     print("| mode | trainable | trainable % | train step (s) | × full FT | peak memory (MB) | × full FT |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, r in train.items():
         print(f"| {mode} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} | {r['step_s']:.3f} | "
               f"{r['step_s'] / full_ft['step_s']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / full_ft['peak_mb']:.2f} |")
+
+
+def print_infer(infer: dict) -> None:
     base = infer["base"]["infer_s"]
     print("\n| inference | time (s) | × base |\n|---|---:|---:|")
     for mode, r in infer.items():
         print(f"| {mode} | {r['infer_s']:.4f} | {r['infer_s'] / base:.3f} |")
-    print(f"\n| adapter (rank {args.rank}, vision+detr + heads) | base checkpoint | adapter / base |\n|---:|---:|---:|")
-    print(f"| {sizes['adapter_mb']:.2f} MB | {sizes['base_mb']:.1f} MB | {100 * sizes['adapter_mb'] / sizes['base_mb']:.2f} % |")
 
 
 if __name__ == "__main__":
