@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -47,17 +48,26 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.validate_before_fit or not cfg.train:
         metrics["zero_shot"] = _test(trainer, module, datamodule, ckpt_path=None if cfg.train else cfg.ckpt_path)
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        best = _best_checkpoint(trainer)
-        if cfg.test:
-            metrics["fine_tuned"] = _test(trainer, module, datamodule, ckpt_path=best)
-        _export_adapter(module, output_dir)
-        if cfg.get("export_stock_checkpoint"):
-            _export_stock(module, cfg.export_stock_checkpoint)
+        metrics.update(_fit_test_export(cfg, trainer, module, datamodule, output_dir))
     if not cfg.train and cfg.ckpt_path:
         metrics = {"fine_tuned": metrics.pop("zero_shot")}
     _write_metrics(metrics, output_dir, datamodule)
     return _optimized_value(metrics, cfg.get("optimized_metric"))
+
+
+def _fit_test_export(cfg: DictConfig, trainer: L.Trainer, module, datamodule, output_dir: Path) -> dict:
+    """Fit, test the best checkpoint, and export the best weights (adapter, optionally a stock checkpoint)."""
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    best = _best_checkpoint(trainer)
+    metrics = {}
+    if cfg.test:
+        metrics["fine_tuned"] = _test(trainer, module, datamodule, ckpt_path=best)  # also loads `best`
+    elif best:
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"], strict=False)
+    _export_adapter(module, output_dir)
+    if cfg.get("export_stock_checkpoint"):
+        _export_stock(module, cfg.export_stock_checkpoint)
+    return metrics
 
 
 def _test(trainer: L.Trainer, module, datamodule, ckpt_path) -> dict:

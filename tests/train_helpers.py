@@ -13,7 +13,7 @@ from tests.conftest import REPO
 # A small shapes dataset and one-epoch CPU runs: every run takes seconds on 2 cores.
 SMALL_RUN = [
     "experiment=demo", "model.checkpoint=null", "data.num_workers=0", "data.persistent_workers=false",
-    "data.batch_size=4", "data.eval_batch_size=8", "trainer.max_epochs=1", "callbacks.progress_bar=null",
+    "data.batch_size=4", "data.eval_batch_size=8", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "callbacks.progress_bar=null",
     "module.warmup_steps=2", "module.log_images_every_n_epochs=0",
 ]
 
