@@ -149,7 +149,7 @@ def test_ddp_two_cpu_processes_end_with_identical_adapters(shapes_root, tmp_path
         f"+callbacks.dump.out_dir={tmp_path / 'dump'}"]
     _subprocess([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                  "train.py", *overrides])
-    rank0, rank1 = (torch.load(tmp_path / f"dump/rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(tmp_path / f"dump/rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
