@@ -1,7 +1,7 @@
-"""The only place that adapts sam3 0.1.4 to machines without CUDA (and to a known sam3 bug).
+"""The only place that adapts sam3 0.1.4 to machines without CUDA (and to known sam3 / PEFT bugs).
 
-Each adaptation names the sam3 line it works around. On a CUDA machine the construction-time and
-post-processing paths are untouched; the focal-loss switch applies everywhere (sam3 issue #575).
+Each adaptation names the line it works around. On a CUDA machine pinning and post-processing are
+untouched; the focal-loss switch (sam3 issue #575) and lazy construction-time caches apply everywhere.
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def precompute_resolution(resolution: int) -> int | None:
-    """Resolution for sam3's construction-time caches, or None where they would need CUDA.
+def precompute_resolution(resolution: int) -> None:
+    """Resolution for sam3's construction-time caches: always None (lazy caches).
 
     sam3/model/position_encoding.py:47 (`PositionEmbeddingSine(precompute_resolution=...)`) and
     sam3/model/decoder.py:281 (`TransformerDecoder(resolution=..., stride=...)`) allocate on "cuda" in
-    `__init__`. Passing None is functionally equivalent: both caches fill lazily on first forward.
+    `__init__`: that fails without CUDA, and with CUDA it pins the caches to cuda:0, which `.to()` never
+    moves (plain attributes) — wrong for DDP ranks on other GPUs and for CPU runs on GPU machines. Passing
+    None is functionally equivalent: both caches fill lazily on the device of the first forward, after
+    Lightning has placed the model.
     """
-    return resolution if has_cuda() else None
+    del resolution
+    return None
 
 
 def _patch_pin_memory() -> None:
@@ -58,10 +62,11 @@ def _patch_focal_loss() -> None:
 def _patch_peft_mha_exact_unmerge() -> None:
     """Make PEFT's LoRA-on-MultiheadAttention give back the frozen weights bit for bit.
 
-    Not a sam3 line but the adapter library SAM3's attention needs: peft/tuners/lora/layer.py
-    `MultiheadAttention.forward` merges the adapter into `in_proj_weight`/`out_proj.weight` for every
+    Not a sam3 line but the adapter library SAM3's attention needs: peft 0.21 peft/tuners/lora/layer.py
+    `MultiheadAttention.forward` (merge → base forward → `unmerge`) merges the adapter into `in_proj_weight`/`out_proj.weight` for every
     call and `unmerge` subtracts it again, so frozen base weights drift by float rounding each step.
-    Keeping the original tensors across merge → unmerge restores them exactly.
+    Keeping the original tensors across merge → unmerge restores them exactly. Covered by
+    tests/test_lora.py::test_one_step_changes_every_lora_tensor_and_no_frozen_tensor (fails without it).
     """
     from peft.tuners.lora.layer import MultiheadAttention
 

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from sam3_lora.checkpoint_io import atomic_path, save_stock_checkpoint
-from sam3_lora.model import build_sam3, freeze
+from sam3_lora.model import build_sam3, count_parameters, freeze
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,7 @@ def adapter_summary(model: nn.Module) -> dict:
             inner = name.split("base_model.model.", 1)[-1]
             component = next((c for c, p in COMPONENTS.items() if inner.startswith(p)), "other")
             per_component[component] += 1
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model)
     return {"adapted_modules": dict(per_component), "trainable": trainable, "total": total,
             "trainable_percent": 100.0 * trainable / max(total, 1)}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 
 import lightning as L
 import torch
@@ -12,13 +11,15 @@ from torch import nn
 from sam3_lora.evaluation import CocoEvaluator, prepare_ground_truth
 from sam3_lora.evaluation.box_only import has_box_only, segm_ground_truth
 from sam3_lora.losses import build_sam3_loss
+from sam3_lora.model import count_parameters
 from sam3_lora.schedules import build_scheduler
 
 log = logging.getLogger(__name__)
 
 # Loss terms logged per step (sam3 also returns aux/o2m variants and accuracies, summed into core_loss).
 LOGGED_TERMS = ("core_loss", "loss_ce", "presence_loss", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
-_NO_DECAY = re.compile(r"(bias|norm|ln_|\.ln\d|embedding|embed\.weight|pos_embed|token)", re.IGNORECASE)
+# Parameters of these modules (and every bias / 1-d tensor) get no weight decay.
+_NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding)
 
 
 def inner_sam3(model: nn.Module) -> nn.Module:
@@ -35,7 +36,7 @@ class Sam3LoraModule(L.LightningModule):
         head_lr: learning rate of fully trained modules (`lora.modules_to_save`); default `lr`.
         weight_decay: AdamW decay; never applied to biases, norms and embeddings.
         schedule: "cosine", "inverse_sqrt" or "constant" after `warmup_steps` (optimiser steps).
-        warmup_steps, cooldown_steps, min_lr_ratio: schedule shape.
+        warmup_steps, cooldown_steps, min_lr_ratio, timescale: schedule shape (timescale: inverse_sqrt only).
         with_masks: mask losses and segm evaluation: True, False or "auto" (model has a mask head and
             the data has masks).
         eval_topk: detections kept per (image, category) for COCO evaluation.
@@ -44,7 +45,8 @@ class Sam3LoraModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, lr: float = 2e-4, head_lr: float | None = None,
                  weight_decay: float = 0.1, schedule: str = "cosine", warmup_steps: int = 20,
-                 cooldown_steps: int = 0, min_lr_ratio: float = 0.0, with_masks: bool | str = "auto",
+                 cooldown_steps: int = 0, min_lr_ratio: float = 0.0, timescale: int = 20,
+                 with_masks: bool | str = "auto",
                  eval_topk: int = 100, log_images_every_n_epochs: int = 1):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -61,12 +63,10 @@ class Sam3LoraModule(L.LightningModule):
         normalization = "global" if self.trainer.world_size > 1 else "local"
         self.loss_fn = build_sam3_loss(with_masks=masks, normalization=normalization)
         self.category_names = dict(datamodule.category_names)
-        for split in ("valid", "test"):
-            if split in datamodule.splits:
-                ground_truth = prepare_ground_truth(datamodule.annotation_file(split), datamodule.category_ids)
-                self.evaluators[split] = self._evaluators(ground_truth, masks)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
+        for split in ("valid", "test"):  # without a test split, "test" is the valid split (as the loaders)
+            ground_truth = prepare_ground_truth(datamodule.annotation_file(split), datamodule.category_ids)
+            self.evaluators[split] = self._evaluators(ground_truth, masks)
+        trainable, total = count_parameters(self.model)
         log.info("masks: %s, loss normalization: %s, trainable %d / %d parameters", masks, normalization,
                  trainable, total)
         self._parameter_counts = {"params/trainable": float(trainable), "params/total": float(total)}
@@ -172,7 +172,7 @@ class Sam3LoraModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups)
         scheduler = build_scheduler(optimizer, self.hparams.schedule, self.hparams.warmup_steps,
                                     int(self.trainer.estimated_stepping_batches), self.hparams.cooldown_steps,
-                                    self.hparams.min_lr_ratio)
+                                    self.hparams.min_lr_ratio, self.hparams.timescale)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- checkpoints: trainable weights only --------------------------------------------------------------
@@ -190,14 +190,21 @@ class Sam3LoraModule(L.LightningModule):
                 "use the same model.* and lora.* settings as the run that wrote it")
 
 
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    """ids of parameters owned by norm and embedding modules, and of every bias / 1-d tensor."""
+    ids = {id(p) for m in model.modules() if isinstance(m, _NO_DECAY_MODULES) for p in m.parameters(recurse=False)}
+    return ids | {id(p) for p in model.parameters() if p.ndim <= 1}
+
+
 def parameter_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: LoRA tensors / fully trained modules, each with and without weight decay."""
+    no_decay = _no_decay_ids(model)
     buckets: dict[tuple[str, bool], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         kind = "lora" if "lora_" in name else "head"
-        decay = parameter.ndim > 1 and not _NO_DECAY.search(name)
+        decay = id(parameter) not in no_decay
         buckets.setdefault((kind, decay), []).append(parameter)
     return [{"params": params, "lr": lr if kind == "lora" else head_lr,
              "weight_decay": weight_decay if decay else 0.0, "name": f"{kind}{'' if decay else '_no_decay'}"}

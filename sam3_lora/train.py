@@ -45,7 +45,8 @@ def run(cfg: DictConfig) -> float | None:
     module = instantiate(cfg.module, model=build_model(cfg))
     trainer = build_trainer(cfg, output_dir)
     metrics: dict[str, dict] = {}
-    if cfg.validate_before_fit or not cfg.train:
+    resuming = cfg.train and cfg.ckpt_path
+    if (cfg.validate_before_fit and not resuming) or not cfg.train:
         metrics["zero_shot"] = _test(trainer, module, datamodule, ckpt_path=None if cfg.train else cfg.ckpt_path)
     if cfg.train:
         metrics.update(_fit_test_export(cfg, trainer, module, datamodule, output_dir))
@@ -83,9 +84,12 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
 
 @rank_zero_only
 def _export_adapter(module, output_dir: Path) -> None:
-    if hasattr(module.model, "peft_config"):
-        save_adapter(module.model, output_dir / "adapter")
-        log.info("adapter written to %s", output_dir / "adapter")
+    if not hasattr(module.model, "peft_config"):
+        log.warning("lora.targets is empty: no adapter/ written; the trained modules are in checkpoints/best.ckpt "
+                    "(set export_stock_checkpoint=PATH for a stock SAM3 checkpoint)")
+        return
+    save_adapter(module.model, output_dir / "adapter")
+    log.info("adapter written to %s", output_dir / "adapter")
 
 
 @rank_zero_only

@@ -39,11 +39,23 @@ def test_full_size_lora_step_bf16(resolution):
 
 
 def test_stock_builder_runs_unpatched_on_cuda():
-    """On CUDA nothing of compat's CPU workarounds is active: sam3's own builder constructs as shipped."""
+    """On CUDA sam3's own builder constructs as shipped next to our patches."""
     from sam3.model_builder import build_sam3_image_model
 
     from sam3_lora import compat
 
     model = build_sam3_image_model(bpe_path=compat.bpe_vocab_path(), device="cuda", eval_mode=True,
                                    load_from_HF=False)
-    assert next(model.parameters()).is_cuda and compat.precompute_resolution(1008) == 1008
+    assert next(model.parameters()).is_cuda
+
+
+def test_lazy_caches_follow_the_device_of_first_forward():
+    """compat keeps sam3's construction caches lazy: after .cuda() they are filled on the model's GPU."""
+    from tests.conftest import tiny_model_config
+
+    model = build_sam3(**tiny_model_config()).cuda().eval()
+    inner_sam3(model)._device = None
+    with torch.no_grad():
+        model(_to_cuda(make_batch()))
+    cache = model.backbone.vision_backbone.position_encoding.cache
+    assert cache and all(t.is_cuda for t in cache.values())
