@@ -20,18 +20,12 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def precompute_resolution(resolution: int) -> None:
-    """Resolution for sam3's construction-time caches: always None (lazy caches).
-
-    sam3/model/position_encoding.py:47 (`PositionEmbeddingSine(precompute_resolution=...)`) and
-    sam3/model/decoder.py:281 (`TransformerDecoder(resolution=..., stride=...)`) allocate on "cuda" in
-    `__init__`: that fails without CUDA, and with CUDA it pins the caches to cuda:0, which `.to()` never
-    moves (plain attributes) — wrong for DDP ranks on other GPUs and for CPU runs on GPU machines. Passing
-    None is functionally equivalent: both caches fill lazily on the device of the first forward, after
-    Lightning has placed the model.
-    """
-    del resolution
-    return None
+# sam3/model/position_encoding.py:47 (`PositionEmbeddingSine(precompute_resolution=...)`) and
+# sam3/model/decoder.py:281 (`TransformerDecoder(resolution=..., stride=...)`) allocate on "cuda" in `__init__`:
+# that fails without CUDA, and with CUDA it pins the caches to cuda:0, which `.to()` never moves (plain
+# attributes) — wrong for DDP ranks on other GPUs and for CPU runs on GPU machines. None is functionally
+# equivalent: both caches fill lazily on the device of the first forward, after Lightning placed the model.
+CONSTRUCTION_CACHE_RESOLUTION = None
 
 
 def _patch_pin_memory() -> None:

@@ -193,11 +193,12 @@ def _adapted_module_names(keys) -> set[str]:
     return {re.sub(r"^base_model\.model\.", "", k.split(".lora_")[0]) for k in keys if ".lora_" in k}
 
 
-def _describe_differences(model: PeftModel, adapter_config: dict, model_config: dict, weights: dict) -> list[str]:
+def _describe_differences(model: PeftModel, adapter_config: dict, model_config: dict, weights: dict,
+                          expected: dict) -> list[str]:
     ours = model.peft_config["default"]
     differences = [f"{key}: adapter {adapter_config.get(key)} vs model {getattr(ours, key)}"
                    for key in ("r", "lora_alpha") if adapter_config.get(key) != getattr(ours, key)]
-    theirs, mine = _adapted_module_names(weights), _adapted_module_names(_peft_state(model))
+    theirs, mine = _adapted_module_names(weights), _adapted_module_names(expected)
     if theirs != mine:
         differences.append(f"targets (adapted modules): only in adapter {sorted(theirs - mine)[:5]}, "
                            f"only in model {sorted(mine - theirs)[:5]}")
@@ -221,9 +222,9 @@ def load_adapter(model: PeftModel, adapter_dir: str | Path) -> PeftModel:
 
     adapter_config, model_config = read_adapter_dir(adapter_dir)
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    differences = _describe_differences(model, adapter_config, model_config, weights)
     expected = {k: v.shape for k, v in _peft_state(model).items()}
-    differences += _shape_differences(model, weights, expected)
+    differences = _describe_differences(model, adapter_config, model_config, weights, expected)
+    differences += _shape_differences(weights, expected)
     if differences:
         raise ValueError(f"adapter {adapter_dir} does not fit this model:\n  " + "\n  ".join(differences))
     result = set_peft_model_state_dict(model, weights)
@@ -238,7 +239,7 @@ def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-def _shape_differences(model: PeftModel, weights: dict, expected: dict) -> list[str]:
+def _shape_differences(weights: dict, expected: dict) -> list[str]:
     problems = [f"missing tensor {k}" for k in sorted(set(expected) - set(weights))][:10]
     problems += [f"unexpected tensor {k}" for k in sorted(set(weights) - set(expected))][:10]
     problems += [f"{k}: adapter {tuple(weights[k].shape)} vs model {tuple(shape)}"

@@ -59,7 +59,7 @@ def _vision_backbone(resolution, patch_size, vit_dim, vit_depth, vit_heads, vit_
         retain_cls_token=False, ln_pre=True, ln_post=False, return_interm_layers=False,
         bias_patch_embed=False, use_act_checkpoint=act_ckpt,
     )
-    position = _position_encoding(d_model, compat.precompute_resolution(resolution))
+    position = _position_encoding(d_model, compat.CONSTRUCTION_CACHE_RESOLUTION)
     return Sam3DualViTDetNeck(position_encoding=position, d_model=d_model,
                               scale_factors=[4.0, 2.0, 1.0, 0.5], trunk=trunk, add_sam2_neck=False)
 
@@ -70,8 +70,7 @@ def _text_encoder(d_model, text_width, text_heads, text_layers, context_length, 
                          layers=text_layers, context_length=context_length, use_act_checkpoint=act_ckpt)
 
 
-def _transformer(d_model, heads, ffn, dropout, encoder_layers, decoder_layers, num_queries,
-                 resolution, patch_size) -> TransformerWrapper:
+def _transformer(d_model, heads, ffn, dropout, encoder_layers, decoder_layers, num_queries) -> TransformerWrapper:
     encoder_layer = TransformerEncoderLayer(
         activation="relu", d_model=d_model, dim_feedforward=ffn, dropout=dropout, pos_enc_at_attn=True,
         pos_enc_at_cross_attn_keys=False, pos_enc_at_cross_attn_queries=False, pre_norm=True,
@@ -87,12 +86,11 @@ def _transformer(d_model, heads, ffn, dropout, encoder_layers, decoder_layers, n
         activation="relu", d_model=d_model, dim_feedforward=ffn, dropout=dropout,
         cross_attention=_attention(d_model, heads, dropout), n_heads=heads, use_text_cross_attention=True,
     )
-    cache_resolution = compat.precompute_resolution(resolution)
     decoder = TransformerDecoder(
         layer=decoder_layer, num_layers=decoder_layers, num_queries=num_queries, return_intermediate=True,
         box_refine=True, num_o2m_queries=0, dac=True, boxRPB="log", d_model=d_model, frozen=False,
-        interaction_layer=None, dac_use_selfatt_ln=True, resolution=cache_resolution,
-        stride=patch_size if cache_resolution else None, use_act_checkpoint=True, presence_token=True,
+        interaction_layer=None, dac_use_selfatt_ln=True, resolution=compat.CONSTRUCTION_CACHE_RESOLUTION,
+        stride=None, use_act_checkpoint=True, presence_token=True,
     )
     return TransformerWrapper(encoder=encoder, decoder=decoder, d_model=d_model)
 
@@ -191,7 +189,7 @@ def build_sam3(
     model = Sam3Image(
         backbone=SAM3VLBackbone(visual=vision, text=text, scalp=1),
         transformer=_transformer(d_model, heads, ffn_dim, dropout, encoder_layers, decoder_layers,
-                                 num_queries, resolution, patch_size),
+                                 num_queries),
         input_geometry_encoder=_geometry_encoder(d_model, heads, ffn_dim, dropout, geometry_layers,
                                                  activation_checkpointing),
         segmentation_head=_segmentation_head(d_model, heads, activation_checkpointing) if segmentation else None,

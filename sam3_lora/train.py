@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> float | None:
         metrics.update(_fit_test_export(cfg, trainer, module, datamodule, output_dir))
     if not cfg.train and cfg.ckpt_path:
         metrics = {"fine_tuned": metrics.pop("zero_shot")}
-    _write_metrics(metrics, output_dir, datamodule)
+    _write_metrics(metrics, output_dir)
     return _optimized_value(metrics, cfg.get("optimized_metric"))
 
 
@@ -102,7 +102,7 @@ def _export_stock(module, path: str) -> None:
 
 
 @rank_zero_only
-def _write_metrics(metrics: dict, output_dir: Path, datamodule) -> None:
+def _write_metrics(metrics: dict, output_dir: Path) -> None:
     from sam3_lora.evaluation import format_comparison
     from sam3_lora.visualize import per_class_chart
 

@@ -104,12 +104,23 @@ def test_bf16_mixed_on_cpu_runs_a_step(shapes_root, tmp_path):
     assert all(t.dtype == torch.float32 for t in lora_b)  # autocast: weights stay fp32 (never bf16-true)
 
 
-def test_gradient_clip_and_seed_keys_reach_the_trainer(shapes_root, tmp_path):
+def test_gradient_clip_keys_reach_the_trainer(shapes_root, tmp_path):
     from hydra.utils import instantiate
 
     cfg = compose_config(shapes_root, tmp_path, ["trainer.gradient_clip_val=0.25", "trainer.accumulate_grad_batches=3"])
     trainer = instantiate(cfg.trainer)
     assert trainer.gradient_clip_val == 0.25 and trainer.accumulate_grad_batches == 3
+
+
+def test_seed_makes_runs_repeatable_and_distinct(shapes_root, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["validate_before_fit=false", "test=false"]
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        _run(shapes_root, tmp_path / name, *common, f"seed={seed}")
+    a, b, c = (load_file(str(tmp_path / n / "adapter/adapter_model.safetensors")) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_unknown_key_is_an_error(shapes_root, tmp_path):
