@@ -23,20 +23,78 @@ ROPE_SUFFIX = "attn.freqs_cis"
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
+    """Yield a temporary path beside `final`; move it into place only if the block succeeds.
 
-    Works for files and directories, so a crash never leaves a half-written checkpoint or adapter.
+    A file is replaced by one `os.replace` (atomic). A directory cannot be swapped by one rename, so the old one
+    is first renamed aside to `.NAME.previous`, the new one renamed in, then the old one deleted: at every
+    instant a complete version exists, at `final` or (only between the two renames) at `.NAME.previous`, and
+    `recover_interrupted_write` — run at the start of every write — puts it back. `final` stays a plain path
+    (no symlink), so PEFT and users load `adapter/` as before.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_write(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
     try:
         yield tmp
-        if final.is_dir() and tmp.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _fsync_tree(tmp)  # contents on disk before the rename makes them visible (power loss, not only kills)
+        if tmp.is_dir() and final.is_dir():
+            _swap_directory(tmp, final)
+        else:
+            os.replace(tmp, final)
+        _fsync_tree(final.parent, recursive=False)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def previous_version_path(final: str | os.PathLike) -> Path:
+    """Where `atomic_path` keeps the previous version of a directory while swapping in a new one."""
+    final = Path(final)
+    return final.parent / f".{final.name}.previous"
+
+
+def recover_interrupted_write(final: str | os.PathLike) -> None:
+    """Repair what a process killed in the middle of `atomic_path`'s directory swap left behind.
+
+    Rule: if `final` is missing but `.NAME.previous` exists, the kill fell between the two renames and the
+    previous version is restored; if both exist, the new version was already in place and the stale previous
+    copy is deleted. Temporary `.NAME.XXXXXXXX` folders of a killed writer hold partial output, never a version.
+    """
+    final, aside = Path(final), previous_version_path(final)
+    if not aside.exists():
+        return
+    if final.exists():
+        shutil.rmtree(aside)
+        log.info("removed %s: a stale copy left by an interrupted write (%s is complete)", aside, final)
+    else:
+        os.replace(aside, final)
+        log.warning("restored %s from %s: the previous write was interrupted between its two renames", final, aside)
+
+
+def _swap_directory(new: Path, final: Path) -> None:
+    aside = previous_version_path(final)
+    os.replace(final, aside)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(aside, final)  # the rename in failed: the previous version goes back
+        raise
+    shutil.rmtree(aside)
+
+
+def _fsync_tree(path: Path, recursive: bool = True) -> None:
+    """Flush a file, or a directory (its entries and, if `recursive`, everything below), to disk."""
+    paths = [path, *path.rglob("*")] if recursive and path.is_dir() else [path]
+    for item in paths:
+        try:
+            fd = os.open(item, os.O_RDONLY)
+        except OSError:  # directories cannot be opened on Windows; nothing to flush there
+            continue
+        try:
+            with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories: best effort
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
