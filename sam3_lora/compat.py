@@ -53,6 +53,18 @@ def _patch_focal_loss() -> None:
     loss_fns.sigmoid_focal_loss = functools.partial(original, triton=False)
 
 
+def mha_forced_forward_kwargs() -> dict[type, dict]:
+    """What sam3's `nn.MultiheadAttention` subclasses force in their own `forward`, per class.
+
+    sam3/model/model_misc.py:31-34 `MultiheadAttentionWrapper.forward` sets `need_weights=False`.
+    `sam3_lora.lora_mha` calls `F.multi_head_attention_forward` itself, so it applies the same override
+    (tests/test_lora_mha.py compares it with the wrapper).
+    """
+    from sam3.model.model_misc import MultiheadAttentionWrapper
+
+    return {MultiheadAttentionWrapper: {"need_weights": False}}
+
+
 def _patch_peft_mha_exact_unmerge() -> None:
     """Make PEFT's LoRA-on-MultiheadAttention give back the frozen weights bit for bit.
 
