@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check what a run needs (torch, CUDA/bf16, sam3, vocabulary, weights)")
     doctor.add_argument("--checkpoint", default="hub", help="model.checkpoint to resolve: path | hub | none")
     doctor.set_defaults(func=_doctor)
+
+    from sam3_lora.convert.cli import add_convert_arguments
+
+    add_convert_arguments(commands)  # `convert {yolo,masks,voc} SRC OUT_ROOT`
     return parser
 
 
