@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from sam3_lora.callbacks import require_finite
 from sam3_lora.evaluation import CocoEvaluator, prepare_ground_truth
 from sam3_lora.evaluation.box_only import has_box_only, segm_ground_truth
 from sam3_lora.losses import build_sam3_loss
@@ -55,6 +56,7 @@ class Sam3LoraModule(L.LightningModule):
         self.loss_fn: nn.Module | None = None
         self.evaluators: dict[str, list[CocoEvaluator]] = {}
         self.category_names: dict[int, str] = {}
+        self.last_loss_terms: dict[str, torch.Tensor] = {}  # of the latest training step (NaN guard reports them)
 
     # ----- setup ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -102,6 +104,7 @@ class Sam3LoraModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         losses = self._losses(batch)
+        self.last_loss_terms = {k: v.detach() for k, v in losses.items() if k in LOGGED_TERMS}
         self._log_terms("train", losses, batch_size=len(batch.img_batch))
         return losses["core_loss"]
 
@@ -179,6 +182,7 @@ class Sam3LoraModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        require_finite(checkpoint["state_dict"], "checkpoint (last.ckpt / best.ckpt)")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from sam3_lora.callbacks import NanGuard, require_finite
 from sam3_lora.checkpoint_io import atomic_path
 from sam3_lora.lora import save_adapter
 
@@ -60,7 +61,7 @@ def _fit_test_export(cfg: DictConfig, trainer: L.Trainer, module, datamodule, ou
     """Fit, test the best checkpoint, and export the best weights (adapter, optionally a stock checkpoint)."""
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     best = _best_checkpoint(trainer)
-    metrics = {}
+    metrics = {"training": _training_counts(trainer, datamodule)}
     if cfg.test:
         metrics["fine_tuned"] = _test(trainer, module, datamodule, ckpt_path=best)  # also loads `best`
     elif best:
@@ -76,6 +77,18 @@ def _test(trainer: L.Trainer, module, datamodule, ckpt_path) -> dict:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
+def _training_counts(trainer: L.Trainer, datamodule) -> dict[str, int]:
+    """What training skipped: corrupt images (summed over ranks) and optimiser steps (NaN guard)."""
+    count = torch.tensor(float(datamodule.skipped_train_images), device=trainer.strategy.root_device)
+    images = int(trainer.strategy.reduce(count, reduce_op="sum").item())
+    guards = [c for c in trainer.callbacks if isinstance(c, NanGuard)]
+    return {"skipped_images": images, "skipped_steps": guards[0].skipped_steps if guards else 0}
+
+
+def _trainable(module) -> dict:
+    return {name: p for name, p in module.model.named_parameters() if p.requires_grad}
+
+
 def _best_checkpoint(trainer: L.Trainer) -> str | None:
     callback = trainer.checkpoint_callback
     best = getattr(callback, "best_model_path", "") if callback else ""
@@ -88,12 +101,14 @@ def _export_adapter(module, output_dir: Path) -> None:
         log.warning("lora.targets is empty: no adapter/ written; the trained modules are in checkpoints/best.ckpt "
                     "(set export_stock_checkpoint=PATH for a stock SAM3 checkpoint)")
         return
+    require_finite(_trainable(module), str(output_dir / "adapter"))
     save_adapter(module.model, output_dir / "adapter")
     log.info("adapter written to %s", output_dir / "adapter")
 
 
 @rank_zero_only
 def _export_stock(module, path: str) -> None:
+    require_finite(_trainable(module), path)
     from sam3_lora.checkpoint_io import save_stock_checkpoint
     from sam3_lora.lora import merge_adapter
 

@@ -106,7 +106,7 @@ class CocoDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.splits: dict[str, CocoSplit] = {}
-        self._skipped = SkipCounter()
+        self._skipped_train, self._skipped_eval = SkipCounter(), SkipCounter()
         self._datasets: dict[str, Any] = {}
 
     # ----- preparation ---------------------------------------------------------------------------------------
@@ -152,9 +152,9 @@ class CocoDataModule(LightningDataModule):
         with_masks = self.with_masks
         train = DatasetSettings(phrases, build_train_transform(self.resolution, self.scale_range, self.hflip,
                                                                self.color_jitter),
-                                with_masks, self.seed, self._skipped)
+                                with_masks, self.seed, self._skipped_train)
         evaluation = DatasetSettings(phrases, build_eval_transform(self.resolution), with_masks, self.seed,
-                                     self._skipped)
+                                     self._skipped_eval)
         self._datasets["train"] = TrainDataset(self.splits["train"].records, train, self.num_negatives,
                                                self.max_queries_per_image)
         for name in EVAL_SPLITS:
@@ -209,8 +209,13 @@ class CocoDataModule(LightningDataModule):
 
     @property
     def skipped_images(self) -> int:
-        """Images that failed to decode while loading (over all workers, so far)."""
-        return self._skipped.value
+        """Images that failed to decode while loading (training and evaluation, over all workers, so far)."""
+        return self._skipped_train.value + self._skipped_eval.value
+
+    @property
+    def skipped_train_images(self) -> int:
+        """Training images skipped because they failed to decode (each time met; over all workers, so far)."""
+        return self._skipped_train.value
 
     def _require_setup(self) -> None:
         if not self.splits:
