@@ -50,7 +50,7 @@ def make_model(config: dict, mode: str, rank: int):
     if mode == "full FT":
         return model
     targets, heads = TRAIN_MODES[mode]
-    return apply_lora(model, rank=rank, alpha=2 * rank, targets=targets, modules_to_save=heads, model_config=config)
+    return apply_lora(model, rank=rank, alpha=2 * rank, targets=targets, modules_to_save=heads)
 
 
 def _peak_memory_mb(device) -> float:
@@ -100,7 +100,7 @@ def worker_infer(args) -> dict:
     import torch
 
     import sam3_lora  # noqa: F401
-    from sam3_lora.lora import merge_adapter
+    from sam3_lora.adapter import merge_adapter
     from tests.conftest import make_batch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,12 +143,12 @@ def adapter_sizes(full: bool, resolution: int, rank: int) -> dict:
 
     import sam3_lora  # noqa: F401
     from sam3_lora.checkpoint_io import save_stock_checkpoint
-    from sam3_lora.lora import save_adapter
+    from sam3_lora.adapter import save_adapter
 
     config = model_config(full, resolution)
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(config, "lora", rank)
-        save_adapter(model, Path(tmp) / "adapter")
+        save_adapter(model, Path(tmp) / "adapter", config)
         base = {k: v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
         save_stock_checkpoint(base, Path(tmp) / "base.safetensors")
         del model, base

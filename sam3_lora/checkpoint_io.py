@@ -1,8 +1,10 @@
-"""Reading SAM3 base checkpoints strictly, writing stock-layout checkpoints, atomic file writes."""
+"""SAM3 base checkpoints: resolving `model.checkpoint` (path, builtin, hub download), reading them strictly,
+writing stock-layout checkpoints, atomic file writes."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -19,6 +21,10 @@ log = logging.getLogger(__name__)
 DETECTOR_PREFIX = "detector."
 # RoPE tables: derived from the resolution, saved in sam3.pt for 1008 px (DESIGN §4).
 ROPE_SUFFIX = "attn.freqs_cis"
+# Where exported checkpoints keep the `build_sam3` kwargs they were built with (predict rebuilds from it).
+MODEL_CONFIG_KEY = "model_config"
+# Checkpoints shipped inside the package, addressed by name so adapter configs stay portable.
+BUILTIN_CHECKPOINTS = {"builtin:tiny": Path(__file__).parent / "assets" / "sam3_tiny_shapes.safetensors"}
 
 
 @contextlib.contextmanager
@@ -97,6 +103,44 @@ def _fsync_tree(path: Path, recursive: bool = True) -> None:
             os.close(fd)
 
 
+def resolve_checkpoint(checkpoint: str | None) -> str | None:
+    """Turn `model.checkpoint` into a local file path (downloading for "hub"), or None.
+
+    "builtin:tiny" names the pretrained tiny SAM3 shipped in the package (experiment=pretrain_tiny).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        RuntimeError: the hub is unreachable or the repository is gated for this account.
+    """
+    if checkpoint is None:
+        return None
+    if checkpoint == "hub":
+        return _download_from_hub()
+    if checkpoint in BUILTIN_CHECKPOINTS:
+        return str(BUILTIN_CHECKPOINTS[checkpoint])
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.checkpoint={checkpoint}: no such file. Pass a local SAM3 checkpoint (sam3.pt), "
+            "model.checkpoint=hub to download facebook/sam3, or model.checkpoint=null for random init"
+        )
+    return str(path)
+
+
+def _download_from_hub() -> str:
+    from sam3.model_builder import download_ckpt_from_hf
+
+    try:
+        return download_ckpt_from_hf()
+    except Exception as err:  # huggingface_hub raises many types: connection, gated repo, auth
+        raise RuntimeError(
+            "model.checkpoint=hub: could not download facebook/sam3 "
+            f"({type(err).__name__}: {err}). The repository is gated: accept its licence on "
+            "huggingface.co, run `huggingface-cli login`, check the network, or download sam3.pt "
+            "yourself and pass model.checkpoint=/path/to/sam3.pt"
+        ) from err
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file (torch or safetensors) and unwrap a `{"model": ...}` wrapper."""
     path = str(path)
@@ -131,8 +175,6 @@ def load_base_weights(model: nn.Module, checkpoint: str) -> None:
     Raises:
         RuntimeError: missing or unexpected keys, or shape mismatches, each listed by name.
     """
-    from sam3_lora.model import resolve_checkpoint
-
     path = resolve_checkpoint(checkpoint)
     state = image_model_state(read_state_dict(path))
     own = model.state_dict()
@@ -173,19 +215,34 @@ def stock_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
     return {"model": {DETECTOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}}
 
 
-def save_stock_checkpoint(state: dict[str, torch.Tensor], out: str | os.PathLike, extra: dict | None = None) -> None:
+def save_stock_checkpoint(state: dict[str, torch.Tensor], out: str | os.PathLike,
+                          model_config: dict | None = None) -> None:
     """Write a stock-layout SAM3 checkpoint atomically (.pt via torch.save, .safetensors flat).
 
-    `extra` entries (e.g. the model config) sit beside "model" in a .pt; sam3's loader ignores them.
+    `model_config` (the `build_sam3` kwargs) sits beside "model" in a .pt, where sam3's loader ignores it,
+    and in the metadata of a .safetensors file; `read_model_config` reads it back from either.
     """
-    payload = {**stock_checkpoint(state), **(extra or {})}
+    payload = stock_checkpoint(state)
     with atomic_path(out) as tmp:
         if str(out).endswith(".safetensors"):
             from safetensors.torch import save_file
 
-            save_file(payload["model"], str(tmp))
+            metadata = None if model_config is None else {MODEL_CONFIG_KEY: json.dumps(model_config, sort_keys=True)}
+            save_file(payload["model"], str(tmp), metadata=metadata)
         else:
-            torch.save(payload, tmp)
+            torch.save(payload if model_config is None else {**payload, MODEL_CONFIG_KEY: model_config}, tmp)
+
+
+def read_model_config(path: str | os.PathLike) -> dict | None:
+    """The model config stored in a checkpoint by `save_stock_checkpoint`, or None if it has none."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            stored = (handle.metadata() or {}).get(MODEL_CONFIG_KEY)
+        return None if stored is None else json.loads(stored)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload.get(MODEL_CONFIG_KEY) if isinstance(payload, dict) else None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

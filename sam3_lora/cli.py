@@ -8,7 +8,7 @@ import sys
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sam3_lora.lora import export_merged
+    from sam3_lora.adapter import export_merged
 
     out = export_merged(args.adapter_dir, args.out)
     print(f"wrote stock SAM3 checkpoint {out} (keys detector.*; build_sam3_image_model(checkpoint_path=...) loads it)")

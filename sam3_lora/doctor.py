@@ -44,7 +44,7 @@ def _bpe() -> Check:
 
 
 def _checkpoint(checkpoint: str | None) -> Check:
-    from sam3_lora.model import resolve_checkpoint
+    from sam3_lora.checkpoint_io import resolve_checkpoint
 
     if checkpoint is None:
         return Check("model.checkpoint", True, "null: random init (tests/benchmarks only)", False)

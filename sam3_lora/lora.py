@@ -1,28 +1,24 @@
-"""Everything about adapters: PEFT injection from SAM3 presets, stats, save/load, merge, export.
+"""LoRA targets and injection: SAM3 presets, PEFT injection, adapter stats and parameter helpers.
 
-LoRA enters the model here and only here (at build time); the LightningModule receives a ready module.
+LoRA enters the model here and only here: `inject_lora` is the one function that turns a base SAM3 into a
+PEFT model, used at build time (`apply_lora`) and when an adapter is rebuilt (`sam3_lora.adapter`).
+Adapter files, merging and export live in `sam3_lora.adapter`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Sequence
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraModel
 from torch import nn
 
-from sam3_lora.checkpoint_io import atomic_path, save_stock_checkpoint
-from sam3_lora.model import build_sam3, count_parameters, freeze
+from sam3_lora.model import count_parameters, freeze
 
 log = logging.getLogger(__name__)
-
-MODEL_CONFIG_FILE = "sam3_model_config.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", MODEL_CONFIG_FILE)
 
 # Full-name regexes over SAM3's real module names. Attention modules of the text encoder and the
 # DETR are nn.MultiheadAttention: they are targeted as modules (PEFT adapts in_proj + out_proj);
@@ -94,7 +90,6 @@ def apply_lora(
     dropout: float = 0.0,
     targets: Sequence[str] = ("vision", "detr"),
     modules_to_save: Sequence[str] = (),
-    model_config: dict | None = None,
 ) -> nn.Module:
     """Freeze the base SAM3 and inject LoRA adapters with PEFT.
 
@@ -103,11 +98,9 @@ def apply_lora(
         rank, alpha, dropout: LoRA hyper-parameters.
         targets: preset names and/or full-name regexes; empty = no adapters (heads-only training).
         modules_to_save: modules trained fully and saved with the adapter (e.g. the scoring head).
-        model_config: the `build_sam3` kwargs, stored in the adapter directory so it rebuilds alone.
 
     Returns:
-        A `PeftModel` whose `.model_config` holds `model_config`; or, with no targets, the frozen base
-        with `modules_to_save` trainable.
+        A `PeftModel`; or, with no targets, the frozen base with `modules_to_save` trainable.
     """
     freeze(model)
     targets = list(targets)
@@ -115,13 +108,20 @@ def apply_lora(
     _modules_to_save_check(model, modules_to_save)
     if not targets:
         return _train_modules_fully(model, modules_to_save)
-    selected = match_targets(model, targets)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=selected,
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=match_targets(model, targets),
                         modules_to_save=modules_to_save or None, bias="none")
-    peft_model = get_peft_model(model, config)
-    peft_model.model_config = dict(model_config or {})
+    peft_model = inject_lora(model, config)
     log_adapter_summary(peft_model)
     return peft_model
+
+
+def inject_lora(base: nn.Module, lora_config: LoraConfig) -> PeftModel:
+    """Freeze `base` and wrap it with PEFT's LoRA layers as `lora_config` says.
+
+    The single place a PEFT model is created (training build and adapter rebuild), so every path gets
+    the same layers for the same config.
+    """
+    return get_peft_model(freeze(base), lora_config)
 
 
 def _train_modules_fully(model: nn.Module, modules_to_save: list[str]) -> nn.Module:
@@ -154,142 +154,16 @@ def log_adapter_summary(model: nn.Module) -> dict:
     return summary
 
 
+def is_lora_parameter(name: str) -> bool:
+    """Whether a parameter name belongs to a LoRA tensor (PEFT's `lora_` prefix: lora_A, lora_B, ...)."""
+    return LoraModel.prefix in name
+
+
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Trainable LoRA tensors (lora_A / lora_B, incl. MHA's)."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_lora_parameter(n)]
 
 
-def save_adapter(model: PeftModel, out_dir: str | Path) -> Path:
-    """Write a self-describing adapter directory atomically.
-
-    Contents: PEFT's `adapter_config.json` + `adapter_model.safetensors` (PEFT key names, incl.
-    modules_to_save) and `sam3_model_config.json` (the `build_sam3` kwargs of the base).
-    """
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(model.model_config, indent=2, sort_keys=True))
-    return out_dir
-
-
-def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
-    """Return (adapter_config, model_config) of an adapter directory, checking its files exist.
-
-    Raises:
-        FileNotFoundError: a file of the adapter directory is missing.
-    """
-    adapter_dir = Path(adapter_dir)
-    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"{adapter_dir} is not a complete sam3-lora adapter directory: missing "
-                                f"{', '.join(missing)} (expected {', '.join(ADAPTER_FILES)})")
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    model_config = json.loads((adapter_dir / MODEL_CONFIG_FILE).read_text())
-    return adapter_config, model_config
-
-
-def _adapted_module_names(keys) -> set[str]:
-    """Names of LoRA-adapted modules found in PEFT state-dict keys (`<module>.lora_A.weight`, ...)."""
-    return {re.sub(r"^base_model\.model\.", "", k.split(".lora_")[0]) for k in keys if ".lora_" in k}
-
-
-def _describe_differences(model: PeftModel, adapter_config: dict, model_config: dict, weights: dict,
-                          expected: dict) -> list[str]:
-    ours = model.peft_config["default"]
-    differences = [f"{key}: adapter {adapter_config.get(key)} vs model {getattr(ours, key)}"
-                   for key in ("r", "lora_alpha") if adapter_config.get(key) != getattr(ours, key)]
-    theirs, mine = _adapted_module_names(weights), _adapted_module_names(expected)
-    if theirs != mine:
-        differences.append(f"targets (adapted modules): only in adapter {sorted(theirs - mine)[:5]}, "
-                           f"only in model {sorted(mine - theirs)[:5]}")
-    if set(adapter_config.get("modules_to_save") or []) != set(ours.modules_to_save or []):
-        differences.append(f"modules_to_save: adapter {adapter_config.get('modules_to_save')} vs model {ours.modules_to_save}")
-    for key in sorted(set(model_config) | set(model.model_config)):
-        if key != "checkpoint" and model_config.get(key) != model.model_config.get(key):
-            differences.append(f"model.{key}: adapter {model_config.get(key)} vs model {model.model_config.get(key)}")
-    return differences
-
-
-def load_adapter(model: PeftModel, adapter_dir: str | Path) -> PeftModel:
-    """Load adapter weights into a LoRA model built with the same settings, strictly.
-
-    Raises:
-        FileNotFoundError: the directory lacks a file.
-        ValueError: rank, alpha, targets, modules_to_save, base dims or tensor shapes differ (listed).
-    """
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    adapter_config, model_config = read_adapter_dir(adapter_dir)
-    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    expected = {k: v.shape for k, v in _peft_state(model).items()}
-    differences = _describe_differences(model, adapter_config, model_config, weights, expected)
-    differences += _shape_differences(weights, expected)
-    if differences:
-        raise ValueError(f"adapter {adapter_dir} does not fit this model:\n  " + "\n  ".join(differences))
-    result = set_peft_model_state_dict(model, weights)
-    if result.unexpected_keys:
-        raise ValueError(f"adapter {adapter_dir} has tensors this model lacks: {result.unexpected_keys[:10]}")
-    return model
-
-
-def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
-
-
-def _shape_differences(weights: dict, expected: dict) -> list[str]:
-    problems = [f"missing tensor {k}" for k in sorted(set(expected) - set(weights))][:10]
-    problems += [f"unexpected tensor {k}" for k in sorted(set(weights) - set(expected))][:10]
-    problems += [f"{k}: adapter {tuple(weights[k].shape)} vs model {tuple(shape)}"
-                 for k, shape in expected.items() if k in weights and weights[k].shape != shape][:10]
-    return problems
-
-
-def build_adapted_model(adapter_dir: str | Path) -> PeftModel:
-    """Rebuild base SAM3 from the directory's model config, inject its LoRA config, load strictly."""
-    _, model_config = read_adapter_dir(adapter_dir)
-    base = freeze(build_sam3(**model_config))
-    model = get_peft_model(base, LoraConfig.from_pretrained(str(adapter_dir)))
-    model.model_config = dict(model_config)
-    return load_adapter(model, adapter_dir)
-
-
-def merge_adapter(model: nn.Module) -> nn.Module:
-    """Fold LoRA into the base weights: a plain SAM3 without PEFT modules (NaN-checked by PEFT)."""
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload(safe_merge=True)
-    return model
-
-
-def export_merged(adapter_dir: str | Path, out_path: str | Path) -> Path:
-    """Write a stock SAM3 checkpoint `{"model": {"detector.<name>": t}, "model_config": {...}}`.
-
-    `sam3.model_builder.build_sam3_image_model(checkpoint_path=out_path)` reads the `model` entry.
-    """
-    model = build_adapted_model(adapter_dir)
-    merged = merge_adapter(model)
-    _, model_config = read_adapter_dir(adapter_dir)
-    save_stock_checkpoint(merged.state_dict(), out_path, extra={"model_config": model_config})
-    return Path(out_path)
-
-
-def load_model_for_inference(source: str | None, model_config: dict | None = None) -> tuple[nn.Module, dict]:
-    """Build an eval-mode SAM3 from an adapter directory, an exported `.pt`, or the base config.
-
-    Args:
-        source: adapter directory, exported/merged checkpoint file, or None for the base model.
-        model_config: `build_sam3` kwargs for None or for a `.pt` without a stored model config.
-
-    Returns:
-        (model in eval mode, the model config it was built with).
-    """
-    if source is not None and Path(source).is_dir():
-        model = build_adapted_model(source)
-        return model.eval(), dict(model.model_config)
-    config = dict(model_config or {})
-    if source is not None:
-        stored = torch.load(source, map_location="cpu", weights_only=True).get("model_config")
-        config = {**(stored or config), "checkpoint": str(source)}
-    return build_sam3(**config).eval(), config
+def base_sam3(model: nn.Module) -> nn.Module:
+    """The Sam3Image inside a PeftModel, or the model itself when it has no adapters."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -7,7 +7,6 @@ a tiny SAM3 is the same classes with small numbers (conf/model/sam3_tiny.yaml).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,10 +31,6 @@ from sam3_lora import compat
 from sam3_lora.checkpoint_io import load_base_weights
 
 log = logging.getLogger(__name__)
-
-# Checkpoints shipped inside the package, addressed by name so adapter configs stay portable.
-BUILTIN_CHECKPOINTS = {"builtin:tiny": Path(__file__).parent / "assets" / "sam3_tiny_shapes.safetensors"}
-
 
 def _attention(d_model: int, heads: int, dropout: float, batch_first: bool = False) -> nn.Module:
     return MultiheadAttention(num_heads=heads, dropout=dropout, embed_dim=d_model, batch_first=batch_first)
@@ -231,41 +226,3 @@ def freeze(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
-
-
-def resolve_checkpoint(checkpoint: str | None) -> str | None:
-    """Turn `model.checkpoint` into a local file path (downloading for "hub"), or None.
-
-    "builtin:tiny" names the pretrained tiny SAM3 shipped in the package (experiment=pretrain_tiny).
-
-    Raises:
-        FileNotFoundError: a local path that does not exist.
-        RuntimeError: the hub is unreachable or the repository is gated for this account.
-    """
-    if checkpoint is None:
-        return None
-    if checkpoint == "hub":
-        return _download_from_hub()
-    if checkpoint in BUILTIN_CHECKPOINTS:
-        return str(BUILTIN_CHECKPOINTS[checkpoint])
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model.checkpoint={checkpoint}: no such file. Pass a local SAM3 checkpoint (sam3.pt), "
-            "model.checkpoint=hub to download facebook/sam3, or model.checkpoint=null for random init"
-        )
-    return str(path)
-
-
-def _download_from_hub() -> str:
-    from sam3.model_builder import download_ckpt_from_hf
-
-    try:
-        return download_ckpt_from_hf()
-    except Exception as err:  # huggingface_hub raises many types: connection, gated repo, auth
-        raise RuntimeError(
-            "model.checkpoint=hub: could not download facebook/sam3 "
-            f"({type(err).__name__}: {err}). The repository is gated: accept its licence on "
-            "huggingface.co, run `huggingface-cli login`, check the network, or download sam3.pt "
-            "yourself and pass model.checkpoint=/path/to/sam3.pt"
-        ) from err

@@ -234,7 +234,7 @@ def predict_main(args: argparse.Namespace) -> int:
     Raises:
         ValueError: no image path after the source, or neither --prompt nor --box.
     """
-    from sam3_lora.lora import load_model_for_inference
+    from sam3_lora.adapter import load_model_for_inference
 
     source, inputs = (None, args.paths) if args.base else (args.paths[0], args.paths[1:])
     if not inputs:

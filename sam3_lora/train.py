@@ -12,19 +12,23 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from sam3_lora.adapter import export_stock_checkpoint, save_adapter
 from sam3_lora.callbacks import NanGuard, require_finite
 from sam3_lora.checkpoint_io import atomic_path
-from sam3_lora.lora import save_adapter
 
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: DictConfig):
-    """Base SAM3 from `cfg.model`, then LoRA from `cfg.lora` (the model config travels with adapters)."""
+def model_config_of(cfg: DictConfig) -> dict:
+    """The `build_sam3` kwargs of `cfg.model`: stored with adapters and exports so they rebuild alone."""
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
     model_config.pop("_target_", None)
-    base = instantiate(cfg.model)
-    return instantiate(cfg.lora, model=base, model_config=model_config, _convert_="all")
+    return model_config
+
+
+def build_model(cfg: DictConfig):
+    """Base SAM3 from `cfg.model`, then LoRA from `cfg.lora`."""
+    return instantiate(cfg.lora, model=instantiate(cfg.model), _convert_="all")
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
@@ -66,9 +70,9 @@ def _fit_test_export(cfg: DictConfig, trainer: L.Trainer, module, datamodule, ou
         metrics["fine_tuned"] = _test(trainer, module, datamodule, ckpt_path=best)  # also loads `best`
     elif best:
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"], strict=False)
-    _export_adapter(module, output_dir)
+    _export_adapter(module, output_dir, model_config_of(cfg))
     if cfg.get("export_stock_checkpoint"):
-        _export_stock(module, cfg.export_stock_checkpoint)
+        _export_stock(module, cfg.export_stock_checkpoint, model_config_of(cfg))
     return metrics
 
 
@@ -96,23 +100,20 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
 
 
 @rank_zero_only
-def _export_adapter(module, output_dir: Path) -> None:
+def _export_adapter(module, output_dir: Path, model_config: dict) -> None:
     if not hasattr(module.model, "peft_config"):
         log.warning("lora.targets is empty: no adapter/ written; the trained modules are in checkpoints/best.ckpt "
                     "(set export_stock_checkpoint=PATH for a stock SAM3 checkpoint)")
         return
     require_finite(_trainable(module), str(output_dir / "adapter"))
-    save_adapter(module.model, output_dir / "adapter")
+    save_adapter(module.model, output_dir / "adapter", model_config)
     log.info("adapter written to %s", output_dir / "adapter")
 
 
 @rank_zero_only
-def _export_stock(module, path: str) -> None:
+def _export_stock(module, path: str, model_config: dict) -> None:
     require_finite(_trainable(module), path)
-    from sam3_lora.checkpoint_io import save_stock_checkpoint
-    from sam3_lora.lora import merge_adapter
-
-    save_stock_checkpoint(merge_adapter(module.model).state_dict(), path)
+    export_stock_checkpoint(module.model, model_config, path)  # the same path as `sam3-lora export`
     log.info("stock SAM3 checkpoint written to %s", path)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from sam3_lora.cli import main
-from sam3_lora.lora import apply_lora, save_adapter
+from sam3_lora.adapter import save_adapter
+from sam3_lora.lora import apply_lora
 from sam3_lora.model import build_sam3
 from tests.conftest import tiny_model_config
 
@@ -31,7 +32,7 @@ def test_make_shapes_then_check_data_is_clean(capsys, tmp_path):
 
 def test_export_writes_a_stock_checkpoint(tmp_path, capsys):
     config = tiny_model_config()
-    save_adapter(apply_lora(build_sam3(**config), rank=2, targets=["detr"], model_config=config), tmp_path / "ad")
+    save_adapter(apply_lora(build_sam3(**config), rank=2, targets=["detr"]), tmp_path / "ad", config)
     assert main(["export", str(tmp_path / "ad"), str(tmp_path / "merged.pt")]) == 0
     stored = torch.load(tmp_path / "merged.pt", weights_only=True)
     assert stored["model_config"]["d_model"] == config["d_model"]

@@ -26,7 +26,7 @@ def test_full_size_lora_step_bf16(resolution):
     """Full architecture, default preset, bf16 autocast: finite loss, every adapter gets a gradient."""
     config = {**official_config(), "resolution": resolution}
     model = lora.apply_lora(build_sam3(**config), rank=16, targets=["vision", "detr"],
-                            modules_to_save=["dot_prod_scoring"], model_config=config).cuda()
+                            modules_to_save=["dot_prod_scoring"]).cuda()
     inner_sam3(model)._device = None
     batch = _to_cuda(make_batch(resolution, num_images=1))
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sam3_lora import compat
-from sam3_lora.checkpoint_io import save_stock_checkpoint
+from sam3_lora.checkpoint_io import resolve_checkpoint, save_stock_checkpoint
 from sam3_lora.losses import build_sam3_loss
-from sam3_lora.model import build_sam3, count_parameters, resolve_checkpoint
+from sam3_lora.model import build_sam3, count_parameters
 from tests.conftest import REPO, make_batch, tiny_model_config
 
 TINY_MAX_PARAMETERS = 5_000_000  # issue #2: tiny SAM3 <= 5 M parameters

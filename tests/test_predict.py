@@ -12,7 +12,7 @@ import torch
 from PIL import Image as PILImage
 from pycocotools import mask as mask_util
 
-from sam3_lora import lora
+from sam3_lora import adapter, lora
 from sam3_lora.checkpoint_io import save_stock_checkpoint
 from sam3_lora.data.datamodule import CocoDataModule
 from sam3_lora.data.shapes import write_shapes_dataset
@@ -47,10 +47,10 @@ def adapter_and_merged(shapes, tmp_path_factory) -> tuple[Path, Path, dict]:
     torch.manual_seed(0)
     save_stock_checkpoint(build_sam3(**config).state_dict(), folder / "base.pt")
     config = {**config, "checkpoint": str(folder / "base.pt")}
-    model = lora.apply_lora(build_sam3(**config), rank=4, alpha=8, targets=["vision", "detr"], model_config=config)
+    model = lora.apply_lora(build_sam3(**config), rank=4, alpha=8, targets=["vision", "detr"])
     train(model, next(iter(shapes.train_dataloader())))
-    adapter_dir = lora.save_adapter(model, folder / "adapter")
-    return adapter_dir, lora.export_merged(adapter_dir, folder / "merged.pt"), config
+    adapter_dir = adapter.save_adapter(model, folder / "adapter", config)
+    return adapter_dir, adapter.export_merged(adapter_dir, folder / "merged.pt"), config
 
 
 def train(model, batch) -> None:
@@ -101,7 +101,7 @@ def _bytes(rle: dict) -> dict:
 
 
 def test_predict_returns_the_evaluation_detections(adapter_and_merged, shapes, tmp_path):
-    model, _ = lora.load_model_for_inference(str(adapter_and_merged[0]))
+    model, _ = adapter.load_model_for_inference(str(adapter_and_merged[0]))
     evaluated = []
     with torch.inference_mode():
         for batch in shapes.test_dataloader():
@@ -117,7 +117,7 @@ def test_predict_returns_the_evaluation_detections(adapter_and_merged, shapes, t
 
 
 def test_overlays_are_pngs_of_each_input_size_and_json_is_written(adapter_and_merged, shapes, tmp_path):
-    model, _ = lora.load_model_for_inference(str(adapter_and_merged[0]))
+    model, _ = adapter.load_model_for_inference(str(adapter_and_merged[0]))
     returned = run_predict(model, shapes, tmp_path)
     assert json.loads((tmp_path / "predictions.json").read_text()) == returned
     paths, _ = split_images(shapes)
@@ -131,10 +131,10 @@ def test_overlays_are_pngs_of_each_input_size_and_json_is_written(adapter_and_me
 
 def test_adapter_dir_and_merged_checkpoint_predict_the_same(adapter_and_merged, shapes, tmp_path):
     adapter_dir, merged, config = adapter_and_merged
-    from_adapter = run_predict(lora.load_model_for_inference(str(adapter_dir))[0], shapes, tmp_path / "a")
-    from_merged = run_predict(lora.load_model_for_inference(str(merged))[0], shapes, tmp_path / "m")
+    from_adapter = run_predict(adapter.load_model_for_inference(str(adapter_dir))[0], shapes, tmp_path / "a")
+    from_merged = run_predict(adapter.load_model_for_inference(str(merged))[0], shapes, tmp_path / "m")
     assert_same_detections(keyed(from_adapter), keyed(from_merged))
-    base = run_predict(lora.load_model_for_inference(None, config)[0], shapes, tmp_path / "b")
+    base = run_predict(adapter.load_model_for_inference(None, config)[0], shapes, tmp_path / "b")
     assert max(abs(a["score"] - b["score"]) for a, b in zip(from_adapter, base)) > 1e-3  # the adapter matters
 
 

@@ -201,6 +201,8 @@ def test_run_without_test_split_tests_on_valid(tmp_path):
 
 def test_pretrain_tiny_at_small_scale_writes_a_loadable_stock_base(shapes_root, tmp_path):
     """experiment=pretrain_tiny (the shipped base's recipe) end to end, shrunk: its stock export loads strictly."""
+    from sam3_lora.adapter import load_model_for_inference
+    from sam3_lora.checkpoint_io import read_model_config
     from sam3_lora.model import build_sam3
     from tests.conftest import tiny_model_config
 
@@ -212,6 +214,9 @@ def test_pretrain_tiny_at_small_scale_writes_a_loadable_stock_base(shapes_root, 
 
     assert all(k.startswith("detector.") for k in load_file(str(base)))
     build_sam3(**tiny_model_config(checkpoint=str(base)))  # strict: raises on any missing/unexpected key
+    # the train-time export records its model config like `sam3-lora export`: predict needs no --model-config
+    assert read_model_config(base)["vit_dim"] == tiny_model_config()["vit_dim"]
+    assert load_model_for_inference(str(base))[1]["d_model"] == tiny_model_config()["d_model"]
 
 
 SHIPPED_BASE_MIN_AP50 = 0.3  # measured 0.67 on 50 source-style test images (experiment=pretrain_tiny)
@@ -219,7 +224,7 @@ SHIPPED_BASE_MIN_AP50 = 0.3  # measured 0.67 on 50 source-style test images (exp
 
 def test_shipped_tiny_base_detects_source_shapes(tmp_path):
     """builtin:tiny loads strictly and finds the shapes it was trained on, zero-shot."""
-    from sam3_lora.model import BUILTIN_CHECKPOINTS
+    from sam3_lora.checkpoint_io import BUILTIN_CHECKPOINTS
 
     assert BUILTIN_CHECKPOINTS["builtin:tiny"].stat().st_size < 12 * 2**20  # a few MB (fp16)
     root = write_shapes_dataset(tmp_path / "source", style="source", seed=7, num_train=4, num_valid=2, num_test=12,
@@ -229,10 +234,10 @@ def test_shipped_tiny_base_detects_source_shapes(tmp_path):
 
 
 def test_exported_adapter_holds_the_best_checkpoint(shapes_root, tmp_path):
-    from sam3_lora.lora import build_adapted_model
+    from sam3_lora.adapter import build_adapted_model
 
     _run(shapes_root, tmp_path, "validate_before_fit=false", "test=false", "trainer.max_epochs=2")
     best = torch.load(tmp_path / "checkpoints/best.ckpt", weights_only=False)["state_dict"]
-    adapted = dict(build_adapted_model(tmp_path / "adapter").named_parameters())
+    adapted = dict(build_adapted_model(tmp_path / "adapter")[0].named_parameters())
     for key, value in best.items():
         torch.testing.assert_close(adapted[key[len("model."):]], value, rtol=0, atol=0, msg=key)
