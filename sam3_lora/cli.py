@@ -8,6 +8,15 @@ import sys
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.base is not None:
+        from sam3_lora.video_model import export_full_checkpoint
+
+        out = export_full_checkpoint(args.adapter_dir, args.out, args.base, image_only=args.image_only)
+        print(f"wrote full SAM3 checkpoint {out} (merged detector.* + the base's tracker.*; "
+              "build_sam3_video_model(checkpoint_path=...) loads it strictly)")
+        return 0
+    if args.image_only:
+        raise ValueError("sam3-lora export: --image-only only applies with --base FULL.pt")
     from sam3_lora.adapter import export_merged
 
     out = export_merged(args.adapter_dir, args.out)
@@ -53,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="adapter directory -> merged stock SAM3 checkpoint")
     export.add_argument("adapter_dir")
     export.add_argument("out", help="output .pt ({'model': {'detector.<name>': tensor}})")
+    export.add_argument("--base", default=None,
+                        help="full SAM3 checkpoint (path | hub | builtin:tiny): write a full checkpoint, the adapter "
+                             "merged into this base's detector and its tracker.* weights copied (video model)")
+    export.add_argument("--image-only", action="store_true",
+                        help="with --base: accept a base without tracker.* weights (image model only)")
     export.set_defaults(func=_export)
 
     check = commands.add_parser("check-data", help="validate a COCO/Roboflow dataset; exit 1 on fatal problems")
