@@ -7,6 +7,13 @@ from sam3.train.loss.sam3_loss import Sam3LossWrapper
 from sam3.train.matcher import BinaryHungarianMatcherV2, BinaryOneToManyMatcher
 
 
+def build_matcher() -> BinaryHungarianMatcherV2:
+    """Meta's one-to-one Hungarian matcher (sam3/model_builder.py:_create_sam3_model), shared by the model
+    (which matches inside its training forward) and the loss."""
+    return BinaryHungarianMatcherV2(focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0,
+                                    alpha=0.25, gamma=2, stable=False)
+
+
 def build_sam3_loss(with_masks: bool, normalization: str = "local") -> Sam3LossWrapper:
     """Build `Sam3LossWrapper` with Meta's matchers and weights.
 
@@ -32,8 +39,7 @@ def build_sam3_loss(with_masks: bool, normalization: str = "local") -> Sam3LossW
     return Sam3LossWrapper(
         loss_fns_find=terms,
         normalization=normalization,
-        matcher=BinaryHungarianMatcherV2(focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0,
-                                         alpha=0.25, gamma=2, stable=False),
+        matcher=build_matcher(),
         o2m_matcher=BinaryOneToManyMatcher(alpha=0.3, threshold=0.4, topk=4),
         o2m_weight=2.0,
         use_o2m_matcher_on_o2m_aux=False,

@@ -25,10 +25,10 @@ from sam3.model.text_encoder_ve import VETextEncoder
 from sam3.model.tokenizer_ve import SimpleTokenizer
 from sam3.model.vitdet import ViT
 from sam3.model.vl_combiner import SAM3VLBackbone
-from sam3.train.matcher import BinaryHungarianMatcherV2
 
 from sam3_lora import compat
 from sam3_lora.checkpoint_io import load_base_weights
+from sam3_lora.losses import build_matcher
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,6 @@ def _geometry_encoder(d_model, heads, ffn, dropout, layers, act_ckpt) -> Sequenc
     )
 
 
-def _matcher() -> BinaryHungarianMatcherV2:
-    # Meta's matcher settings (sam3/model_builder.py:_create_sam3_model).
-    return BinaryHungarianMatcherV2(focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0,
-                                    alpha=0.25, gamma=2, stable=False)
-
-
 def init_uninitialised_text_parameters(model: Sam3Image) -> None:
     """Give sam3's `torch.empty` text parameters CLIP-style values (only needed without base weights)."""
     text = model.backbone.language_backbone.encoder
@@ -190,7 +184,7 @@ def build_sam3(
         segmentation_head=_segmentation_head(d_model, heads, activation_checkpointing) if segmentation else None,
         num_feature_levels=1, o2m_mask_predict=True, dot_prod_scoring=_scoring(d_model, ffn_dim, dropout),
         use_instance_query=False, multimask_output=True, inst_interactive_predictor=None,
-        use_act_checkpoint_seg_head=activation_checkpointing, matcher=_matcher(),
+        use_act_checkpoint_seg_head=activation_checkpointing, matcher=build_matcher(),
     )
     if checkpoint is None:
         init_uninitialised_text_parameters(model)
