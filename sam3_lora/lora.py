@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraModel
 from torch import nn
 
+from sam3_lora import memory
 from sam3_lora.model import count_parameters, freeze
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 # Full-name regexes over SAM3's real module names. Attention modules of the text encoder and the
 # DETR are nn.MultiheadAttention: they are targeted as modules (PEFT adapts in_proj + out_proj);
 # targeting their `.out_proj` would be a silent no-op because MHA never calls it (DESIGN §4).
+VISION_LAYERS = r"attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2"  # the adapted layers of each ViT block
 PRESETS: dict[str, str] = {
-    "vision": r"backbone\.vision_backbone\.trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
+    "vision": rf"backbone\.vision_backbone\.trunk\.blocks\.\d+\.({VISION_LAYERS})",
     "text": r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)",
     "detr": r"transformer\.(encoder|decoder)\.layers\.\d+\.(self_attn|cross_attn_image|cross_attn|ca_text|linear1|linear2)",
     "heads": r"(dot_prod_scoring\.(prompt_mlp\.layers\.\d+|prompt_proj|hs_proj)"
@@ -90,6 +92,9 @@ def apply_lora(
     dropout: float = 0.0,
     targets: Sequence[str] = ("vision", "detr"),
     modules_to_save: Sequence[str] = (),
+    vision_last_blocks: int | None = None,
+    frozen_dtype: str = "float32",
+    keep_frozen: Sequence[str] = (),
 ) -> nn.Module:
     """Freeze the base SAM3 and inject LoRA adapters with PEFT.
 
@@ -98,6 +103,10 @@ def apply_lora(
         rank, alpha, dropout: LoRA hyper-parameters.
         targets: preset names and/or full-name regexes; empty = no adapters (heads-only training).
         modules_to_save: modules trained fully and saved with the adapter (e.g. the scoring head).
+        vision_last_blocks: the "vision" preset adapts only the last N ViT blocks and the blocks before run
+            without autograd (backward stops there); None = every block (`sam3_lora.memory`).
+        frozen_dtype: storage of the frozen base: "float32", or "bfloat16" (needs bf16-mixed autocast).
+        keep_frozen: full-name regexes of parameters that stay frozen (e.g. modules the graph never uses).
 
     Returns:
         A `PeftModel`; or, with no targets, the frozen base with `modules_to_save` trainable.
@@ -106,11 +115,16 @@ def apply_lora(
     targets = list(targets)
     modules_to_save = list(modules_to_save)
     _modules_to_save_check(model, modules_to_save)
+    memory_settings = {"vision_last_blocks": vision_last_blocks, "frozen_dtype": frozen_dtype,
+                       "keep_frozen": list(keep_frozen)}
+    if vision_last_blocks is not None:
+        targets = memory.restrict_vision_targets(targets, len(memory.vision_blocks(model)), vision_last_blocks,
+                                                 VISION_LAYERS)
     if not targets:
-        return _train_modules_fully(model, modules_to_save)
+        return memory.apply_memory_settings(_train_modules_fully(model, modules_to_save), **memory_settings)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=match_targets(model, targets),
                         modules_to_save=modules_to_save or None, bias="none")
-    peft_model = inject_lora(model, config)
+    peft_model = memory.apply_memory_settings(inject_lora(model, config), **memory_settings)
     log_adapter_summary(peft_model)
     return peft_model
 

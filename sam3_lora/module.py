@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sam3_lora.callbacks import require_finite
-from sam3_lora.evaluation import CocoEvaluator, prepare_ground_truth
+from sam3_lora.evaluation import CocoEvaluator, load_ground_truth
 from sam3_lora.evaluation.box_only import has_box_only, segm_ground_truth
 from sam3_lora.losses import build_sam3_loss
 from sam3_lora.model import count_parameters
@@ -66,7 +66,7 @@ class Sam3LoraModule(L.LightningModule):
         self.loss_fn = build_sam3_loss(with_masks=masks, normalization=normalization)
         self.category_names = dict(datamodule.category_names)
         for split in ("valid", "test"):  # without a test split, "test" is the valid split (as the loaders)
-            ground_truth = prepare_ground_truth(datamodule.annotation_file(split), datamodule.category_ids)
+            ground_truth = load_ground_truth(datamodule.annotation_file(split))
             self.evaluators[split] = self._evaluators(ground_truth, masks)
         trainable, total = count_parameters(self.model)
         log.info("masks: %s, loss normalization: %s, trainable %d / %d parameters", masks, normalization,

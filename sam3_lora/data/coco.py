@@ -1,8 +1,8 @@
 """Read one COCO split (Roboflow layout or explicit paths) into validated per-image records.
 
 `read_split` = parse json → validate/repair (validation.py) → pycocotools index → `ImageRecord`s. The cleaned
-json (repairs applied, background category dropped, annotation ids ≥ 1) is kept so evaluation scores against
-exactly the ground truth training saw.
+json is the split's final ground truth, the only one evaluation reads: repairs applied, annotation ids ≥ 1, areas
+filled, background category dropped, and (`read_splits`) an evaluation split's categories are train's.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class CocoSplit:
         categories: kept category id → name, in id order (Roboflow's empty background category dropped).
         records: one per usable image, including images without annotations (pure negatives).
         report: everything found while reading, with severities.
-        clean_dataset: the repaired COCO dict (what `write_clean_json` writes).
+        clean_dataset: the final ground truth (what `write_clean_json` writes and evaluation loads).
         dropped_categories: id → name of the background categories that were dropped.
     """
 
@@ -93,7 +93,7 @@ class CocoSplit:
     dropped_categories: dict[int, str] = field(default_factory=dict)
 
     def write_clean_json(self, path: Path) -> Path:
-        """Write the repaired annotations (the ground truth to evaluate against) and return the path."""
+        """Write the final ground truth (what evaluation loads, unchanged) and return the path."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.clean_dataset), encoding="utf-8")
         return path
@@ -127,12 +127,26 @@ def resolve_split_paths(root: str | Path, explicit: dict[str, tuple[str | None, 
 
 def read_splits(paths: dict[str, SplitPaths], drop_background_category: bool = True,
                 decode_images: bool = False) -> dict[str, CocoSplit]:
-    """Read every split and check that evaluation splits use train's categories (see `read_split`)."""
+    """Read every split; evaluation splits must use train's categories and get them as ground truth.
+
+    See `read_split`; `check_same_categories` reports conflicts, `_use_train_categories` sets the categories.
+    """
     splits = {name: read_split(p, name, drop_background_category, decode_images) for name, p in paths.items()}
     for name, split in splits.items():
         if name != "train" and "train" in splits and not split.report.fatal:
             check_same_categories(splits["train"], split)
+            _use_train_categories(split, splits["train"])
     return splits
+
+
+def _use_train_categories(split: CocoSplit, train: CocoSplit) -> None:
+    """Make the split's ground-truth categories exactly train's, the categories that are queried.
+
+    A category only this split lists (never annotated, or `check_same_categories` reported it) is not evaluated;
+    a train category this split lacks is still evaluated (COCO reports -1 for it when it has no ground truth).
+    """
+    own = {c["id"]: c for c in split.clean_dataset["categories"]}
+    split.clean_dataset["categories"] = [own.get(i, {"id": i, "name": name}) for i, name in train.categories.items()]
 
 
 def read_split(paths: SplitPaths, name: str, drop_background_category: bool = True,

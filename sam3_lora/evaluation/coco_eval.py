@@ -1,9 +1,9 @@
-"""COCO ground truth preparation and COCOeval numbers (faster-coco-eval, equal to pycocotools).
+"""COCO ground truth loading and COCOeval numbers (faster-coco-eval, equal to pycocotools).
 
-The split's own json is the ground truth, with two corrections: annotation ids are re-indexed from 1
-(pycocotools and faster-coco-eval never count a match to annotation id 0 as a true positive), and
-categories the data config dropped are removed with their annotations. Crowd regions stay: COCOeval
-ignores detections matched to them, as on COCO.
+The ground truth is the json `sam3_lora.data` writes for each split (`CocoSplit.write_clean_json`): repaired
+annotations with ids >= 1 (pycocotools and faster-coco-eval never count a match to annotation id 0 as a true
+positive), areas filled, and exactly the trained categories. Evaluation only loads and checks it. Crowd regions
+stay: COCOeval ignores detections matched to them, as on COCO.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
-from pycocotools import mask as mask_util
 
 log = logging.getLogger(__name__)
 
@@ -26,35 +25,22 @@ SUMMARY_INDEX = {"mAP": 0, "mAP50": 1, "mAP75": 2, "mAP_s": 3, "mAP_m": 4, "mAP_
 MISSING = -1.0  # COCO's value for "not measurable" (no ground truth, no detections evaluated)
 
 
-def prepare_ground_truth(annotation_file: str | Path | dict, category_ids: Iterable[int] | None = None) -> COCO:
-    """Load a split's COCO json as evaluation ground truth.
+def load_ground_truth(annotation_file: str | Path | dict) -> COCO:
+    """Load a split's final ground truth (written by `sam3_lora.data`) for COCOeval, unchanged.
 
     Args:
-        annotation_file: path of the split's `_annotations.coco.json` (or its loaded dict).
-        category_ids: original COCO category ids the data config keeps; None keeps every category.
+        annotation_file: path of the ground-truth json (`CocoDataModule.annotation_file(split)`) or its dict.
 
     Returns:
-        A faster-coco-eval `COCO` (same API as pycocotools') with every image, only the kept categories
-        and their annotations, annotation ids 1..n, `iscrowd` defaulted to 0 and `area` filled when absent.
+        A faster-coco-eval `COCO` (same API as pycocotools').
 
     Raises:
-        ValueError: a kept category id is not in the file.
+        FileNotFoundError: the file does not exist.
+        ValueError: an annotation has an id < 1, a repeated id, or no `area`/`iscrowd`: the json is a raw
+            export, not ground truth written by `sam3_lora.data`, which repairs and fills these.
     """
     dataset = _read_dataset(annotation_file)
-    available = {c["id"] for c in dataset.get("categories", [])}
-    keep = available if category_ids is None else set(int(c) for c in category_ids)
-    if keep - available:
-        raise ValueError(f"{annotation_file}: category ids {sorted(keep - available)} are not among the file's "
-                         f"categories {sorted(available)}; check the data config's kept categories")
-    images = {image["id"]: image for image in dataset.get("images", [])}
-    annotations = [a for a in dataset.get("annotations", []) if a["category_id"] in keep]
-    for new_id, annotation in enumerate(annotations, start=1):
-        annotation["id"] = new_id
-        annotation.setdefault("iscrowd", 0)
-        if "area" not in annotation:
-            annotation["area"] = _area(annotation, images[annotation["image_id"]])
-    dataset["annotations"] = annotations
-    dataset["categories"] = [c for c in dataset.get("categories", []) if c["id"] in keep]
+    _check_final(dataset, annotation_file)
     return COCO(dataset)
 
 
@@ -67,21 +53,18 @@ def _read_dataset(annotation_file: str | Path | dict) -> dict:
     return json.loads(path.read_text())
 
 
-def _area(annotation: dict, image: dict) -> float:
-    segmentation = annotation.get("segmentation")
-    if segmentation:
-        rle = _to_rle(segmentation, image["height"], image["width"])
-        return float(mask_util.area(rle))
-    _, _, w, h = annotation["bbox"]
-    return float(w * h)
-
-
-def _to_rle(segmentation, height: int, width: int) -> dict:
-    if isinstance(segmentation, list):
-        return mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation.get("counts"), list):
-        return mask_util.frPyObjects(segmentation, height, width)
-    return segmentation
+def _check_final(dataset: dict, source) -> None:
+    seen: set = set()
+    for annotation in dataset.get("annotations", []):
+        ann_id = annotation.get("id")
+        missing = [k for k in ("area", "iscrowd") if k not in annotation]
+        if not isinstance(ann_id, int) or ann_id < 1 or ann_id in seen or missing:
+            where = source if not isinstance(source, dict) else "the ground-truth dict"
+            raise ValueError(
+                f"{where}: annotation id {ann_id!r} is not final ground truth (ids must be unique integers >= 1 "
+                f"and area/iscrowd present{'; missing ' + ', '.join(missing) if missing else ''}); evaluate "
+                "against the json sam3_lora.data writes (CocoDataModule.annotation_file), not the raw export")
+        seen.add(ann_id)
 
 
 def check_segmentation(coco_gt: COCO) -> None:
@@ -105,7 +88,7 @@ def evaluate_coco(
     """Run COCOeval on COCO results and return named numbers.
 
     Args:
-        coco_gt: ground truth from `prepare_ground_truth`.
+        coco_gt: ground truth from `load_ground_truth`.
         results: COCO result dicts (`segmentation` needed for "segm").
         iou_types: any of "bbox", "segm".
         image_ids: images that were predicted (so a partial pass does not count unseen images as misses);

@@ -21,7 +21,7 @@ class CocoEvaluator:
     DistributedSampler pads the last batch with repeats) is counted once.
 
     Args:
-        coco_gt: ground truth from `prepare_ground_truth` (re-indexed, kept categories only).
+        coco_gt: ground truth from `load_ground_truth` (written by `sam3_lora.data`).
         iou_types: any of "bbox", "segm"; "segm" needs masks on every ground-truth annotation.
         category_names: category id → name for per-class keys (default: the ground truth's names).
         topk: detections kept per (image, category) query.
