@@ -121,7 +121,8 @@ def resolve_checkpoint(checkpoint: str | None) -> str | None:
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"model.checkpoint={checkpoint}: no such file. Pass a local SAM3 checkpoint (sam3.pt), "
+            f"model.checkpoint={checkpoint}: no such file. Pass a local SAM3 checkpoint (sam3.pt) or transformers "
+            "Sam3Model directory, "
             "model.checkpoint=hub to download facebook/sam3, or model.checkpoint=null for random init"
         )
     return str(path)
@@ -142,7 +143,12 @@ def _download_from_hub() -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file (torch or safetensors) and unwrap a `{"model": ...}` wrapper."""
+    """Read a checkpoint file (torch or safetensors) and unwrap a `{"model": ...}` wrapper.
+
+    A directory is read as a transformers `Sam3Model` export, its keys renamed to sam3's (`transformers_format`).
+    """
+    if Path(path).is_dir():
+        return _read_transformers_dir(path)
     path = str(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -154,6 +160,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(state).__name__}")
     return state
+
+
+def _read_transformers_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from sam3_lora.transformers_format import is_transformers_dir, read_transformers_checkpoint
+
+    if not is_transformers_dir(path):
+        raise ValueError(f"{path} is a directory but not a transformers SAM3 export (its config.json must say "
+                         "model_type sam3 or sam3_video): pass a checkpoint file or such a directory")
+    return read_transformers_checkpoint(path)
 
 
 def image_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

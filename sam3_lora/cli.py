@@ -8,6 +8,16 @@ import sys
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "transformers":
+        from sam3_lora.transformers_format import export_transformers
+
+        if args.base is not None:
+            raise ValueError("export --base writes a full sam3 checkpoint (tracker included); transformers' "
+                             "Sam3Model is the image model only: drop --base or --format transformers")
+
+        out = export_transformers(args.adapter_dir, args.out)
+        print(f"wrote transformers Sam3Model directory {out} (Sam3Model / Sam3Processor.from_pretrained load it)")
+        return 0
     if args.base is not None:
         from sam3_lora.video_model import export_full_checkpoint
 
@@ -61,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="adapter directory -> merged stock SAM3 checkpoint")
     export.add_argument("adapter_dir")
-    export.add_argument("out", help="output .pt ({'model': {'detector.<name>': tensor}})")
+    export.add_argument("out", help="output .pt ({'model': {'detector.<name>': tensor}}) or, with --format "
+                                    "transformers, a directory")
+    export.add_argument("--format", choices=["sam3", "transformers"], default="sam3",
+                        help="sam3: stock checkpoint; transformers: Sam3Model directory ([transformers] extra)")
     export.add_argument("--base", default=None,
                         help="full SAM3 checkpoint (path | hub | builtin:tiny): write a full checkpoint, the adapter "
                              "merged into this base's detector and its tracker.* weights copied (video model)")
