@@ -6,9 +6,11 @@ untouched; the focal-loss switch (sam3 issue #575) and lazy construction-time ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -130,6 +132,25 @@ def postprocess_on_gpu() -> bool:
     sam3/eval/postprocessors.py:154 asserts the target sizes live on CUDA when this flag is set.
     """
     return has_cuda()
+
+
+@contextlib.contextmanager
+def reuse_image_features(backbone, features: dict | None) -> Iterator[None]:
+    """Make `backbone.forward_image` return precomputed image features for the duration of the block.
+
+    sam3/model/sam3_image.py:533 (`Sam3Image.forward`) always runs `self.backbone.forward_image(img_batch)`;
+    `sam3_lora.predictor` runs several adapters on the same images, and where none of them adapts the ViT or
+    neck the features are identical, so they are computed once. Only this backbone instance is affected, only
+    inside the block; `features=None` changes nothing. Each call gets fresh containers (sam3 may extend them).
+    """
+    if features is None:
+        yield
+        return
+    backbone.forward_image = lambda samples: {k: (list(v) if isinstance(v, list) else v) for k, v in features.items()}
+    try:
+        yield
+    finally:
+        del backbone.forward_image
 
 
 def apply() -> None:

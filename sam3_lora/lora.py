@@ -129,13 +129,18 @@ def apply_lora(
     return peft_model
 
 
-def inject_lora(base: nn.Module, lora_config: LoraConfig) -> PeftModel:
+def inject_lora(base: nn.Module, lora_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
     """Freeze `base` and wrap it with PEFT's LoRA layers as `lora_config` says.
 
     The single place a PEFT model is created (training build and adapter rebuild), so every path gets
     the same layers for the same config.
+    Given a `PeftModel`, adds `adapter_name` beside its adapters (PEFT's `add_adapter`; several adapters
+    on one base, `sam3_lora.predictor`).
     """
-    return get_peft_model(freeze(base), lora_config)
+    if isinstance(base, PeftModel):
+        base.add_adapter(adapter_name, lora_config)
+        return base
+    return get_peft_model(freeze(base), lora_config, adapter_name=adapter_name)
 
 
 def _train_modules_fully(model: nn.Module, modules_to_save: list[str]) -> nn.Module:

@@ -206,7 +206,11 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="an adapter directory or exported .pt (omit with --base), then image files or folders")
     parser.add_argument("--base", action="store_true",
                         help="predict with the base model (no adapter): --checkpoint and --model-config define it")
-    parser.add_argument("--prompt", action="append", default=[], help="noun phrase to find (repeatable)")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="noun phrase to find (repeatable); with --adapter: NAME:phrase")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="several adapters on one base (repeatable): the first path is then the BASE "
+                             "(path | hub | builtin:tiny) and each --prompt names its adapter")
     parser.add_argument("--box", action="append", default=[], type=_box_argument, metavar="X,Y,W,H",
                         help="positive exemplar box in image pixels (repeatable), through SAM3's geometry encoder")
     parser.add_argument("--out", required=True, help="output folder for predictions.json and PNG overlays")
@@ -236,6 +240,10 @@ def predict_main(args: argparse.Namespace) -> int:
     """
     from sam3_lora.adapter import load_model_for_inference
 
+    if args.adapter:
+        from sam3_lora.predictor import multi_adapter_main
+
+        return multi_adapter_main(args)
     source, inputs = (None, args.paths) if args.base else (args.paths[0], args.paths[1:])
     if not inputs:
         raise ValueError("sam3-lora predict: give image files or folders after the adapter directory / .pt "
