@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module, model=build_model(cfg))
+    # plain containers: hyper-parameters land in checkpoints, which load with torch.load(weights_only=True)
+    module = instantiate(cfg.module, model=build_model(cfg), _convert_="all")
     trainer = build_trainer(cfg, output_dir)
     metrics: dict[str, dict] = {}
     resuming = cfg.train and cfg.ckpt_path

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from sam3_lora.evaluation import evaluate_coco, prepare_ground_truth
+from sam3_lora.evaluation import evaluate_coco, load_ground_truth
 from sam3_lora.evaluation.box_only import has_box_only, segm_ground_truth
 
 SIZE = 64
@@ -31,7 +31,7 @@ def ground_truth():
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [36, 36, 20, 20], "area": 400, "iscrowd": 0},
         ],
     }
-    return prepare_ground_truth(dataset)
+    return load_ground_truth(dataset)
 
 
 def test_box_only_object_is_ignored_by_mask_ap_and_counted_by_box_ap(ground_truth):

@@ -10,9 +10,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from sam3_lora.data.coco import SplitPaths, read_split
+from sam3_lora.data.coco import SplitPaths, read_split, read_splits, resolve_split_paths
 from sam3_lora.data.images import read_image_rgb
 from sam3_lora.data.masks import decode_mask
+from sam3_lora.evaluation import load_ground_truth
 from tests.data_fixtures import box_annotation, coco_dict, image_entry, write_image, write_split
 
 TWO_PART_POLYGON = [[5, 5, 25, 5, 25, 20, 5, 20], [40, 30, 60, 30, 50, 45]]  # a rectangle and a triangle
@@ -147,3 +148,23 @@ def test_repaired_json_is_what_evaluation_reads(tmp_path):
     clean = json.loads(written.read_text())
     assert clean["annotations"][0]["bbox"] == [60.0, 40.0, 4.0, 8.0]
     assert [c["id"] for c in clean["categories"]] == [1, 2]
+
+
+def test_evaluation_ground_truth_is_final_ids_from_1_areas_filled_train_categories(tmp_path):
+    """data/ is the one owner of ground truth: evaluation loads what it writes without repairing anything."""
+    train = coco_dict([image_entry(0)], [box_annotation(1, 0, 1, [0, 0, 9, 9]), box_annotation(2, 0, 2, [9, 9, 9, 9])])
+    polygon = box_annotation(0, 0, 1, [10, 10, 20, 10], segmentation=[[10, 10, 30, 10, 30, 20, 10, 20]])
+    box_only = box_annotation(0, 0, 1, [2, 2, 5, 4])
+    del polygon["area"], box_only["area"]
+    bird = {"id": 3, "name": "bird", "supercategory": "pets"}  # listed only in valid, never annotated
+    valid = coco_dict([image_entry(0)], [polygon, box_only], [*coco_dict([], [])["categories"][:2], bird])
+    write_split(tmp_path, "train", train)
+    write_split(tmp_path, "valid", valid)
+    splits = read_splits(resolve_split_paths(tmp_path))
+    written = splits["valid"].write_clean_json(tmp_path / "gt" / "valid.json")
+    annotations = json.loads(written.read_text())["annotations"]
+    assert [a["id"] for a in annotations] == [1, 2]  # raw ids 0, 0
+    assert [a["area"] for a in annotations] == [200.0, 20.0]  # from the polygon, from the box
+    coco_gt = load_ground_truth(written)
+    assert sorted(coco_gt.getCatIds()) == [1, 2]  # train's: bird dropped, dog (absent here) kept
+

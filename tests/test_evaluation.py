@@ -19,7 +19,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO as PyCOCO
 from pycocotools.cocoeval import COCOeval as PyCOCOeval
 
-from sam3_lora.evaluation import CocoEvaluator, evaluate_coco, predictions_to_coco, prepare_ground_truth
+from sam3_lora.evaluation import CocoEvaluator, evaluate_coco, load_ground_truth, predictions_to_coco
 from sam3_lora.evaluation.coco_eval import SUMMARY_INDEX
 
 SIDE = 64          # original images are SIDE × SIDE
@@ -82,11 +82,11 @@ def metadata(pairs: list[tuple[int, int]], side=SIDE) -> SimpleNamespace:
 FILLER = detection((0, 0, 4, 4), 0.001)  # a low-scored miss padding every query to the same length
 
 
-def run_case(tmp_path, dataset, query_pairs, query_detections, category_ids=None, iou_types=("bbox", "segm")):
+def run_case(tmp_path, dataset, query_pairs, query_detections, iou_types=("bbox", "segm")):
     """Evaluate through our pipeline; also write the results file and ground truth for a direct COCOeval."""
     outputs = sam3_outputs(query_detections)
     results = predictions_to_coco(outputs, metadata(query_pairs), topk=100)
-    coco_gt = prepare_ground_truth(dataset, category_ids)
+    coco_gt = load_ground_truth(dataset)
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "gt.json").write_text(json.dumps(coco_gt.dataset))
     ours = evaluate_coco(coco_gt, results, iou_types)
@@ -125,18 +125,21 @@ def perfect_detections():
             [detection(BOX_1, 0.04), FILLER], [detection(BOX_2, 0.8), FILLER]]
 
 
-def test_perfect_predictions_give_one_even_with_annotation_id_zero(tmp_path):
-    dataset = gt_dataset([gt_annotation(0, 1, 1, BOX_1), gt_annotation(1, 2, 2, BOX_2)])
-    ours, _ = run_case(tmp_path, dataset, PAIRS, perfect_detections())
+def test_perfect_predictions_give_one_and_annotation_id_zero_is_refused(tmp_path):
+    # data/ renumbers annotation ids from 1 (tests/test_data_coco.py) because COCOeval never matches id 0
+    renumbered = gt_dataset([gt_annotation(1, 1, 1, BOX_1), gt_annotation(2, 2, 2, BOX_2)])
+    ours, _ = run_case(tmp_path, renumbered, PAIRS, perfect_detections())
     for iou_type in ("bbox", "segm"):
         assert ours[f"{iou_type}_mAP"] == pytest.approx(1.0, abs=TOL)
         assert ours[f"{iou_type}_AP/cat1"] == pytest.approx(1.0, abs=TOL)
         assert ours[f"{iou_type}_mAR100"] == pytest.approx(1.0, abs=TOL)
-    assert_equals_pycocotools(tmp_path, ours)  # the written ground truth is the re-indexed one
+    assert_equals_pycocotools(tmp_path, ours)
     raw = tmp_path / "raw_gt.json"
-    raw.write_text(json.dumps(dataset))
+    raw.write_text(json.dumps(gt_dataset([gt_annotation(0, 1, 1, BOX_1), gt_annotation(1, 2, 2, BOX_2)])))
     stats, _ = pycocotools_stats(raw, tmp_path / "results.json", "bbox")
-    assert stats[0] == pytest.approx(0.5, abs=TOL)  # without re-indexing, annotation id 0 is never matched
+    assert stats[0] == pytest.approx(0.5, abs=TOL)  # pycocotools on the raw ids: id 0 is never matched
+    with pytest.raises(ValueError, match="annotation id 0 is not final ground truth"):
+        load_ground_truth(raw)
 
 
 def test_results_carry_original_ids_xywh_boxes_and_presence_scores(tmp_path):
@@ -158,7 +161,7 @@ def test_shifted_box_gives_hand_computed_ap(tmp_path):
                          side=100)
     outputs = sam3_outputs([[detection((14, 10, 20, 20), 0.9, side=100)]])
     results = predictions_to_coco(outputs, metadata([(1, 1)], side=100), with_masks=False)
-    ours = evaluate_coco(prepare_ground_truth(dataset), results, ("bbox",))
+    ours = evaluate_coco(load_ground_truth(dataset), results, ("bbox",))
     assert ours["bbox_mAP"] == pytest.approx(0.4, abs=TOL)
     assert ours["bbox_mAP50"] == pytest.approx(1.0, abs=TOL)
     assert ours["bbox_mAP75"] == pytest.approx(0.0, abs=TOL)
@@ -190,17 +193,18 @@ def test_crowd_region_is_neither_a_miss_nor_a_false_positive(tmp_path):
     assert_equals_pycocotools(tmp_path, detected, categories=(1,))
 
 
-def test_dropped_category_is_excluded(tmp_path):
-    dataset = gt_dataset([gt_annotation(1, 1, 1, BOX_1), gt_annotation(2, 2, 2, BOX_2)])
+def test_category_absent_from_ground_truth_is_not_evaluated(tmp_path):
+    # data/ writes evaluation ground truth with train's categories only (tests/test_data_coco.py): a category
+    # not in it is neither a class nor a miss; one that is in it but never detected is a miss.
     pairs = [(1, 1), (2, 1)]
     detections = [[detection(BOX_1, 0.9), FILLER], [detection(BOX_2, 0.1), FILLER]]
-    kept, _ = run_case(tmp_path, dataset, pairs, detections, category_ids=[1])
+    kept, _ = run_case(tmp_path, gt_dataset([gt_annotation(1, 1, 1, BOX_1)], categories=(1,)), pairs, detections)
     assert kept["bbox_mAP"] == pytest.approx(1.0, abs=TOL)
     assert not any("cat2" in key for key in kept)
+    assert_equals_pycocotools(tmp_path, kept, categories=(1,))
+    dataset = gt_dataset([gt_annotation(1, 1, 1, BOX_1), gt_annotation(2, 2, 2, BOX_2)])
     everything, _ = run_case(tmp_path, dataset, pairs, detections)
     assert everything["bbox_mAP"] == pytest.approx(0.5, abs=TOL)  # cat2's object counted as missed
-    with pytest.raises(ValueError, match="category ids \\[7\\]"):
-        prepare_ground_truth(dataset, [1, 7])
 
 
 def random_case(seed: int, num_images: int = 6, per_query: int = 5):
@@ -249,7 +253,7 @@ def test_topk_keeps_best_detections_per_query():
 
 def test_evaluator_deduplicates_repeated_queries_and_reports_empty_passes():
     dataset = gt_dataset([gt_annotation(1, 1, 1, BOX_1), gt_annotation(2, 2, 2, BOX_2)])
-    evaluator = CocoEvaluator(prepare_ground_truth(dataset), category_names={1: "circle", 2: "square"})
+    evaluator = CocoEvaluator(load_ground_truth(dataset), category_names={1: "circle", 2: "square"})
     assert evaluator.compute()["bbox_mAP"] == -1.0
     batch = SimpleNamespace(find_metadatas=[metadata(PAIRS)])
     evaluator.update(sam3_outputs(perfect_detections()), batch)
@@ -266,7 +270,7 @@ def test_evaluator_deduplicates_repeated_queries_and_reports_empty_passes():
 
 def test_partial_pass_only_counts_seen_images():
     dataset = gt_dataset([gt_annotation(1, 1, 1, BOX_1), gt_annotation(2, 2, 2, BOX_2)])
-    evaluator = CocoEvaluator(prepare_ground_truth(dataset), iou_types=("bbox",))
+    evaluator = CocoEvaluator(load_ground_truth(dataset), iou_types=("bbox",))
     evaluator.update(sam3_outputs(perfect_detections()[:2]), SimpleNamespace(find_metadatas=[metadata(PAIRS[:2])]))
     metrics = evaluator.compute()
     assert metrics["bbox_AP/cat1"] == pytest.approx(1.0, abs=TOL)
@@ -276,31 +280,40 @@ def test_partial_pass_only_counts_seen_images():
 def test_segm_needs_masks_in_ground_truth():
     annotation = gt_annotation(1, 1, 1, BOX_1)
     del annotation["segmentation"]
-    coco_gt = prepare_ground_truth(gt_dataset([annotation]))
+    coco_gt = load_ground_truth(gt_dataset([annotation]))
     with pytest.raises(ValueError, match="iou_types=\\('bbox',\\)"):
         CocoEvaluator(coco_gt)
     assert CocoEvaluator(coco_gt, iou_types=("bbox",)).iou_types == ("bbox",)
 
 
 def test_segm_needs_a_mask_head():
-    evaluator = CocoEvaluator(prepare_ground_truth(gt_dataset([gt_annotation(1, 1, 1, BOX_1)])))
+    evaluator = CocoEvaluator(load_ground_truth(gt_dataset([gt_annotation(1, 1, 1, BOX_1)])))
     outputs = sam3_outputs(perfect_detections())
     del outputs["pred_masks"]
     with pytest.raises(ValueError, match="segmentation=true"):
         evaluator.update(outputs, SimpleNamespace(find_metadatas=[metadata(PAIRS)]))
 
 
-def test_prepare_ground_truth_reads_the_file_and_fills_what_cocoeval_needs(tmp_path):
-    annotation = gt_annotation(5, 1, 1, BOX_1)
-    del annotation["area"], annotation["iscrowd"]
-    box_only = {"id": 9, "image_id": 2, "category_id": 2, "bbox": [0, 0, 10, 5]}
-    path = tmp_path / "_annotations.coco.json"
-    path.write_text(json.dumps(gt_dataset([annotation, box_only])))
-    coco_gt = prepare_ground_truth(path, [1, 2])
-    loaded = {a["id"]: a for a in coco_gt.dataset["annotations"]}
-    assert sorted(loaded) == [1, 2]
-    assert loaded[1]["area"] == 16 * 16 and loaded[1]["iscrowd"] == 0  # area from the mask
-    assert loaded[2]["area"] == 50  # area from the box
-    assert len(coco_gt.dataset["images"]) == 2
+def test_load_ground_truth_reads_the_file_unchanged(tmp_path):
+    dataset = gt_dataset([gt_annotation(5, 1, 1, BOX_1), gt_annotation(9, 2, 2, BOX_2)])
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(dataset))
+    assert load_ground_truth(path).dataset["annotations"] == dataset["annotations"]
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        prepare_ground_truth(tmp_path / "missing.json")
+        load_ground_truth(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("defect", ["id 0", "repeated id", "no area", "no iscrowd"])
+def test_load_ground_truth_refuses_a_raw_export(tmp_path, defect):
+    """Ids >= 1 and areas are data/'s job (written once); evaluation refuses instead of repairing again."""
+    first, second = gt_annotation(1, 1, 1, BOX_1), gt_annotation(2, 2, 2, BOX_2)
+    if defect == "id 0":
+        first["id"] = 0
+    elif defect == "repeated id":
+        second["id"] = 1
+    else:
+        del second["area" if defect == "no area" else "iscrowd"]
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(gt_dataset([first, second])))
+    with pytest.raises(ValueError, match=r"_annotations.coco.json: annotation id .*CocoDataModule.annotation_file"):
+        load_ground_truth(path)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sam3_lora.evaluation import CocoEvaluator, prepare_ground_truth
+from sam3_lora.evaluation import CocoEvaluator, load_ground_truth
 from test_evaluation import BOX_1, BOX_2, PAIRS, gt_annotation, gt_dataset, metadata, perfect_detections, sam3_outputs
 
 # Each rank sees two of the four queries; rank 1 also repeats rank 0's first query, as a DistributedSampler
@@ -21,7 +21,7 @@ RANK_QUERIES = {0: [0, 2], 1: [1, 3, 0]}
 
 def evaluator() -> CocoEvaluator:
     dataset = gt_dataset([gt_annotation(1, 1, 1, BOX_1), gt_annotation(2, 2, 2, BOX_2)])
-    return CocoEvaluator(prepare_ground_truth(dataset))
+    return CocoEvaluator(load_ground_truth(dataset))
 
 
 def update(evaluator_: CocoEvaluator, queries: list[int]) -> None:

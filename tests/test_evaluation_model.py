@@ -14,7 +14,7 @@ from sam3.train.data.collator import collate_fn_api
 from sam3.train.data.sam3_image_dataset import Datapoint, FindQueryLoaded, Image, InferenceMetadata
 
 from sam3_lora import compat
-from sam3_lora.evaluation import CocoEvaluator, final_predictions, predictions_to_coco, prepare_ground_truth
+from sam3_lora.evaluation import CocoEvaluator, final_predictions, load_ground_truth, predictions_to_coco
 from sam3_lora.model import build_sam3
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -107,7 +107,7 @@ def test_evaluator_on_model_outputs(model_and_batch):
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": 600, "iscrowd": 0,
                          "segmentation": [[10, 10, 40, 10, 40, 30, 10, 30]]}],
     }
-    evaluator = CocoEvaluator(prepare_ground_truth(dataset), topk=5)
+    evaluator = CocoEvaluator(load_ground_truth(dataset), topk=5)
     evaluator.update(output, batch)
     metrics = evaluator.compute()
     expected_keys = {f"{iou}_{name}" for iou in ("bbox", "segm")

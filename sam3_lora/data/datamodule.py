@@ -25,6 +25,7 @@ from sam3_lora.data.coco import CocoSplit, SplitPaths, read_splits, resolve_spli
 from sam3_lora.data.dataset import DatasetSettings, EpochSampler, EvalDataset, SkipCounter, TrainDataset
 from sam3_lora.data.queries import EXTRA_PHRASE_CATEGORY_ID, QuerySpec, resolve_prompts
 from sam3_lora.data.report import DataValidationError
+from sam3_lora.data.resumable import LoaderPosition, ResumableDataLoader
 from sam3_lora.data.shapes import write_shapes_dataset
 from sam3_lora.data.transforms import META_SCALE_RANGE, build_eval_transform, build_train_transform
 
@@ -108,6 +109,7 @@ class CocoDataModule(LightningDataModule):
         self.splits: dict[str, CocoSplit] = {}
         self._skipped_train, self._skipped_eval = SkipCounter(), SkipCounter()
         self._datasets: dict[str, Any] = {}
+        self._train_position = LoaderPosition()  # shared with the training loader; saved in checkpoints
 
     # ----- preparation ---------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -221,11 +223,22 @@ class CocoDataModule(LightningDataModule):
         if not self.splits:
             raise RuntimeError("CocoDataModule.setup() has not run yet; call it (Lightning does) first")
 
+    # ----- resume (Lightning saves this in checkpoints and restores it before building the loaders) ----------
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position in its epoch (exact mid-epoch resume, see data/resumable.py)."""
+        return {"train_position": self._train_position.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training loader where the checkpointed run was."""
+        if "train_position" in state_dict:
+            self._train_position.load_state_dict(state_dict["train_position"])
+
     # ----- loaders ------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training batches (`BatchedDatapoint`)."""
         dataset = self._datasets["train"]
-        return self._loader(dataset, self.batch_size, EpochSampler(len(dataset), self.seed, shuffle=True))
+        return self._loader(dataset, self.batch_size, EpochSampler(len(dataset), self.seed, shuffle=True),
+                            position=self._train_position)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches: every category per image, in chunks."""
@@ -242,12 +255,16 @@ class CocoDataModule(LightningDataModule):
         # evaluation is deterministic and in order: a plain sequential loader, which Lightning shards under DDP
         return self._loader(self._datasets[name], self.eval_batch_size, sampler=None)
 
-    def _loader(self, dataset, batch_size: int, sampler: EpochSampler | None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset, batch_size: int, sampler: EpochSampler | None,
+                position: LoaderPosition | None = None) -> DataLoader:
+        # training resumes mid-epoch exactly: its loader's position is saved in checkpoints (data/resumable.py)
+        loader_class, extra = (ResumableDataLoader, {"position": position}) if position is not None \
+            else (DataLoader, {})
+        return loader_class(
             dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.num_workers,
             collate_fn=functools.partial(collate_batch, with_masks=self.with_masks),
             worker_init_fn=_worker_init, pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0, **extra,
         )
 
 
