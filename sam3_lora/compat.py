@@ -1,4 +1,4 @@
-"""The only place that adapts sam3 0.1.4 to machines without CUDA (and to known sam3 / PEFT bugs).
+"""The only place that adapts sam3 0.1.4 to machines without CUDA (and to known sam3 bugs).
 
 Each adaptation names the line it works around. On a CUDA machine pinning and post-processing are
 untouched; the focal-loss switch (sam3 issue #575) and lazy construction-time caches apply everywhere.
@@ -67,38 +67,6 @@ def mha_forced_forward_kwargs() -> dict[type, dict]:
     return {MultiheadAttentionWrapper: {"need_weights": False}}
 
 
-def _patch_peft_mha_exact_unmerge() -> None:
-    """Make PEFT's LoRA-on-MultiheadAttention give back the frozen weights bit for bit.
-
-    Not a sam3 line but the adapter library SAM3's attention needs: peft 0.21 peft/tuners/lora/layer.py
-    `MultiheadAttention.forward` (merge → base forward → `unmerge`) merges the adapter into `in_proj_weight`/`out_proj.weight` for every
-    call and `unmerge` subtracts it again, so frozen base weights drift by float rounding each step.
-    Keeping the original tensors across merge → unmerge restores them exactly. Covered by
-    tests/test_lora.py::test_one_step_changes_every_lora_tensor_and_no_frozen_tensor (fails without it).
-    """
-    from peft.tuners.lora.layer import MultiheadAttention
-
-    if getattr(MultiheadAttention, "_sam3_lora_exact", False):
-        return
-    merge, unmerge = MultiheadAttention.merge, MultiheadAttention.unmerge
-
-    def exact_merge(self, *args, **kwargs):
-        base = self.get_base_layer()
-        self._frozen_originals = (base.in_proj_weight.data, base.out_proj.get_base_layer().weight.data)
-        return merge(self, *args, **kwargs)
-
-    def exact_unmerge(self):
-        originals = getattr(self, "_frozen_originals", None)
-        unmerge(self)
-        if originals is not None:
-            base = self.get_base_layer()
-            base.in_proj_weight.data, base.out_proj.get_base_layer().weight.data = originals
-            self._frozen_originals = None
-
-    MultiheadAttention.merge, MultiheadAttention.unmerge = exact_merge, exact_unmerge
-    MultiheadAttention._sam3_lora_exact = True
-
-
 def bpe_vocab_path() -> str:
     """Path of the BPE vocabulary sam3's tokenizer needs.
 
@@ -153,6 +121,52 @@ def reuse_image_features(backbone, features: dict | None) -> Iterator[None]:
         del backbone.forward_image
 
 
+def _connected_components_cv2(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sam3/perflib/connected_components.py:18-29 on OpenCV: (labels, per-pixel component size), 8-connected.
+
+    sam3's CPU path imports scikit-image (line 20), which sam3 0.1.4 does not depend on; skimage's `label`
+    default for 2-D is 8-connectivity with background 0, which `cv2.connectedComponents` computes too.
+    """
+    import cv2
+    import numpy as np
+
+    count, labels = cv2.connectedComponents(values.cpu().numpy().astype(np.uint8), connectivity=8)
+    labels = torch.from_numpy(labels.astype(np.int64))
+    sizes = torch.bincount(labels.flatten(), minlength=count)
+    sizes[0] = 0  # background pixels get 0, as in sam3's loop over components 1..num
+    return labels, sizes[labels]
+
+
+@contextlib.contextmanager
+def video_inference_on_this_machine(video_model) -> Iterator[None]:
+    """Let sam3's video model (`Sam3VideoInference`) run on a machine without CUDA; a no-op with CUDA.
+
+    - sam3/model/sam3_tracking_predictor.py:81: the tracker's state lives on "cuda" unless
+      `offload_state_to_cpu`, which sam3/model/sam3_video_inference.py:985 never passes: passed here.
+    - sam3/model/sam3_tracker_base.py:657,664 and sam3_tracking_predictor.py:1026 call `Tensor.cuda()`
+      unconditionally: inside the block, on a machine where it could only raise, it returns the tensor.
+    - sam3/model/sam3_image.py:839 casts the tracker's backbone features to bfloat16, which the tracker
+      consumes under the CUDA bf16 autocast it enters at sam3_tracking_predictor.py:49-50: CPU bf16 autocast.
+    - sam3/perflib/connected_components.py:20 needs scikit-image: `_connected_components_cv2` instead.
+    """
+    if has_cuda():
+        yield
+        return
+    from sam3.perflib import connected_components as cc
+
+    tracker = video_model.tracker
+    original_init, original_cuda, original_cc = tracker.init_state, torch.Tensor.cuda, cc.connected_components_cpu_single
+    tracker.init_state = functools.partial(original_init, offload_state_to_cpu=True)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    cc.connected_components_cpu_single = _connected_components_cv2
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        del tracker.init_state
+        torch.Tensor.cuda, cc.connected_components_cpu_single = original_cuda, original_cc
+
+
 def apply() -> None:
     """Apply the runtime patches once per process (idempotent)."""
     global _APPLIED
@@ -161,5 +175,7 @@ def apply() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _patch_pin_memory()
     _patch_focal_loss()
-    _patch_peft_mha_exact_unmerge()
     _APPLIED = True
+
+
+apply()  # on import: every module that builds a SAM3 model or loss imports this one (`import sam3_lora` stays light)

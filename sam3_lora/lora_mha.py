@@ -71,9 +71,9 @@ class LoraMultiheadAttention(PeftMultiheadAttention):
                       average_attn_weights=average_attn_weights, is_causal=is_causal)
         base = self.get_base_layer()
         out_proj = base.out_proj
-        if out_proj.merged != self.merged:
-            raise ValueError("the out_proj of a LoRA MultiheadAttention was merged or unmerged on its own; merge "
-                             "and unmerge the attention module itself (it handles in_proj and out_proj together)")
+        if out_proj.merged_adapters != self.merged_adapters or out_proj.active_adapters != self.active_adapters:
+            raise ValueError("the out_proj of a LoRA MultiheadAttention was merged, unmerged or switched on its own; "
+                             "merge, unmerge and set adapters on the attention module (it keeps both together)")
         if self.disable_adapters and self.merged:
             self.unmerge()
         adapters = [a for a in self.active_adapters if a in self.lora_A]

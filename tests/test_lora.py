@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft.tuners.lora.layer import MultiheadAttention as PeftMultiheadAttention
 
 from sam3_lora import lora
+from sam3_lora.lora_mha import LoraMultiheadAttention
 from sam3_lora.model import build_sam3
 from tests.conftest import final_outputs
 from tests.lora_helpers import adapted, assert_same, perturb_lora, sam3_loss
@@ -19,13 +21,17 @@ def test_adapted_model_equals_base_at_init(tiny_config, batch):
     base = build_sam3(**tiny_config)
     expected = final_outputs(base, batch)
     model = lora.apply_lora(base, rank=4, targets=["vision", "text", "detr", "heads"])
-    # lora_B = 0 makes every adapter an identity; PEFT runs MHA through its own (non fused) path,
-    # which reassociates float sums: differences stay ~1e-6 on outputs of magnitude ~1.
+    # lora_B = 0 makes every adapter an identity; LoRA MHA runs F.multi_head_attention_forward, never
+    # torch's fused inference path, which reassociates float sums: differences stay ~1e-6 on outputs ~1.
     assert_same(final_outputs(model, batch), expected, atol=1e-5)
 
 
 def test_one_step_changes_every_lora_tensor_and_no_frozen_tensor(tiny_config, batch):
+    # PEFT 0.21's MHA layer writes merged weights into the frozen in_proj/out_proj on every forward; the
+    # attention modules here must get sam3_lora.lora_mha's layer, which never writes them
     model = adapted(tiny_config, modules_to_save=["dot_prod_scoring"])
+    attentions = [m for m in model.modules() if isinstance(m, PeftMultiheadAttention)]
+    assert attentions and all(isinstance(m, LoraMultiheadAttention) for m in attentions)
     perturb_lora(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

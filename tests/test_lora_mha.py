@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.layer import MultiheadAttention as PeftMultiheadAttention
 from peft.utils import get_peft_model_state_dict
 from sam3.model.model_misc import MultiheadAttentionWrapper
@@ -50,13 +51,13 @@ def _config() -> LoraConfig:
     return LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["self_attn"])
 
 
-def _randomize_lora(model: nn.Module, seed: int = 1) -> nn.Module:
+def _randomize_lora(model: nn.Module, seed: int = 1, std: float = 0.3) -> nn.Module:
     """lora_B starts at zero (identity): random non-zero A and B make every comparison bite."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_" in name:
-                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+                parameter.copy_(std * torch.randn(parameter.shape, generator=generator))
     return model
 
 
@@ -223,6 +224,29 @@ def test_merge_then_unmerge_gives_back_the_frozen_weights_bit_for_bit():
         _assert_same_attention(attention(*args, **kwargs), reference(*args, **kwargs))
 
 
+def test_several_adapters_mean_the_sum_of_the_active_deltas():
+    base = _base()
+    model = _adapted(base)
+    model.add_adapter("other", lora_mha.register(_config()))
+    _randomize_lora(model, seed=7)  # both adapters get new non-zero factors
+    attention = _attention(model)
+    deltas = {}
+    for name in ("default", "other"):
+        layers = {"in_proj": attention, "out_proj": attention.base_layer.out_proj}
+        deltas[name] = {k: (layer.lora_B[name].weight @ layer.lora_A[name].weight).detach() * SCALE
+                        for k, layer in layers.items()}
+    args, kwargs = _inputs("cross_masked", batch_first=False)
+    for active in (["other"], ["default", "other"]):
+        model.base_model.set_adapter(active)
+        reference = copy.deepcopy(base)
+        with torch.no_grad():
+            for name in active:
+                reference.in_proj_weight += deltas[name]["in_proj"]
+                reference.out_proj.weight += deltas[name]["out_proj"]
+        with torch.no_grad():  # W + (Δ1 + Δ2) vs (W + Δ1) + Δ2: float sums in another order
+            _assert_same_attention(attention.eval()(*args, **kwargs), reference.eval()(*args, **kwargs), atol=1e-5)
+
+
 def test_disabled_adapter_gives_the_base_attention():
     base = _base().eval()
     model = _adapted(base).eval()
@@ -311,3 +335,50 @@ def test_stock_peft_mha_merge_is_a_known_behaviour():
     else:
         torch.testing.assert_close(merged, twice, rtol=0, atol=1e-6,
                                    msg=lambda m: f"PEFT's MHA merge is neither W + ΔW nor W + 2ΔW: {m}")
+
+
+# --- tiny SAM3 end to end: every loading path of sam3_lora uses the layer ---------------------------------------
+
+
+def _hand_merged_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Base weight + B·A·alpha/r of every LoRA layer, by hand, under the plain SAM3's parameter names."""
+    state = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        base = module.get_base_layer()
+        weight_name = "in_proj_weight" if isinstance(base, nn.MultiheadAttention) else "weight"
+        delta = (module.lora_B["default"].weight @ module.lora_A["default"].weight) * module.scaling["default"]
+        state[f"{base_name}.{weight_name}"] = getattr(base, weight_name).detach() + delta.detach()
+    return state
+
+
+def test_tiny_sam3_detr_lora_unmerged_merged_export_and_hand_reference_agree(tiny_config, batch, tmp_path):
+    from sam3_lora import adapter, lora
+    from sam3_lora.checkpoint_io import save_stock_checkpoint
+    from sam3_lora.model import build_sam3
+    from tests.conftest import final_outputs
+    from tests.lora_helpers import assert_same
+
+    torch.manual_seed(0)
+    save_stock_checkpoint(build_sam3(**tiny_config).state_dict(), tmp_path / "base.pt")
+    config = {**tiny_config, "checkpoint": str(tmp_path / "base.pt")}
+    model = _randomize_lora(lora.apply_lora(build_sam3(**config), rank=RANK, alpha=ALPHA, targets=["detr"]), seed=5, std=0.05)
+    attentions = [m for m in model.modules() if isinstance(m, PeftMultiheadAttention)]
+    assert attentions and all(isinstance(m, lora_mha.LoraMultiheadAttention) for m in attentions)
+    hand = _hand_merged_state(model)
+    assert any(k.endswith("out_proj.weight") for k in hand) and any(k.endswith("in_proj_weight") for k in hand)
+
+    reference = build_sam3(**config)
+    assert set(hand) <= set(reference.state_dict())
+    reference.load_state_dict({**reference.state_dict(), **hand})
+    expected = final_outputs(reference, batch)
+    assert_same(final_outputs(model, batch), expected, atol=1e-5)  # unmerged, as trained
+
+    adapter.save_adapter(model, tmp_path / "adapter", config)
+    rebuilt, _ = adapter.build_adapted_model(tmp_path / "adapter")  # predict's and the Python API's path
+    assert_same(final_outputs(rebuilt, batch), expected, atol=1e-5)
+    adapter.export_merged(tmp_path / "adapter", tmp_path / "merged.pt")  # `sam3-lora export`
+    exported = build_sam3(**{**tiny_config, "checkpoint": str(tmp_path / "merged.pt")})
+    assert_same(final_outputs(exported, batch), expected, atol=1e-5)
