@@ -121,52 +121,6 @@ def reuse_image_features(backbone, features: dict | None) -> Iterator[None]:
         del backbone.forward_image
 
 
-def _connected_components_cv2(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sam3/perflib/connected_components.py:18-29 on OpenCV: (labels, per-pixel component size), 8-connected.
-
-    sam3's CPU path imports scikit-image (line 20), which sam3 0.1.4 does not depend on; skimage's `label`
-    default for 2-D is 8-connectivity with background 0, which `cv2.connectedComponents` computes too.
-    """
-    import cv2
-    import numpy as np
-
-    count, labels = cv2.connectedComponents(values.cpu().numpy().astype(np.uint8), connectivity=8)
-    labels = torch.from_numpy(labels.astype(np.int64))
-    sizes = torch.bincount(labels.flatten(), minlength=count)
-    sizes[0] = 0  # background pixels get 0, as in sam3's loop over components 1..num
-    return labels, sizes[labels]
-
-
-@contextlib.contextmanager
-def video_inference_on_this_machine(video_model) -> Iterator[None]:
-    """Let sam3's video model (`Sam3VideoInference`) run on a machine without CUDA; a no-op with CUDA.
-
-    - sam3/model/sam3_tracking_predictor.py:81: the tracker's state lives on "cuda" unless
-      `offload_state_to_cpu`, which sam3/model/sam3_video_inference.py:985 never passes: passed here.
-    - sam3/model/sam3_tracker_base.py:657,664 and sam3_tracking_predictor.py:1026 call `Tensor.cuda()`
-      unconditionally: inside the block, on a machine where it could only raise, it returns the tensor.
-    - sam3/model/sam3_image.py:839 casts the tracker's backbone features to bfloat16, which the tracker
-      consumes under the CUDA bf16 autocast it enters at sam3_tracking_predictor.py:49-50: CPU bf16 autocast.
-    - sam3/perflib/connected_components.py:20 needs scikit-image: `_connected_components_cv2` instead.
-    """
-    if has_cuda():
-        yield
-        return
-    from sam3.perflib import connected_components as cc
-
-    tracker = video_model.tracker
-    original_init, original_cuda, original_cc = tracker.init_state, torch.Tensor.cuda, cc.connected_components_cpu_single
-    tracker.init_state = functools.partial(original_init, offload_state_to_cpu=True)
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    cc.connected_components_cpu_single = _connected_components_cv2
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yield
-    finally:
-        del tracker.init_state
-        torch.Tensor.cuda, cc.connected_components_cpu_single = original_cuda, original_cc
-
-
 def apply() -> None:
     """Apply the runtime patches once per process (idempotent)."""
     global _APPLIED
@@ -176,6 +130,3 @@ def apply() -> None:
     _patch_pin_memory()
     _patch_focal_loss()
     _APPLIED = True
-
-
-apply()  # on import: every module that builds a SAM3 model or loss imports this one (`import sam3_lora` stays light)
