@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam3_lora.adapter import export_stock_checkpoint, save_adapter
 from sam3_lora.callbacks import NanGuard, require_finite
 from sam3_lora.checkpoint_io import atomic_path
+from sam3_lora.config_checks import StoreRunSettings, check_checkpoint_settings, check_config, run_settings
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def build_model(cfg: DictConfig):
 
 def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(StoreRunSettings(run_settings(cfg)))  # a resume with other lora.*/model.* names them
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                        default_root_dir=str(output_dir))
@@ -45,8 +47,12 @@ def run(cfg: DictConfig) -> float | None:
     per-class AP chart into `cfg.output_dir`.
     """
     output_dir = Path(cfg.output_dir)
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # validate the data before the (possibly multi-GB) model is built
+    if cfg.ckpt_path:
+        check_checkpoint_settings(cfg.ckpt_path, run_settings(cfg))
     # plain containers: hyper-parameters land in checkpoints, which load with torch.load(weights_only=True)
     module = instantiate(cfg.module, model=build_model(cfg), _convert_="all")
     trainer = build_trainer(cfg, output_dir)
@@ -59,18 +65,18 @@ def run(cfg: DictConfig) -> float | None:
     if not cfg.train and cfg.ckpt_path:
         metrics = {"fine_tuned": metrics.pop("zero_shot")}
     _write_metrics(metrics, output_dir)
-    return _optimized_value(metrics, cfg.get("optimized_metric"))
+    return _optimized_value(metrics, cfg.get("optimized_metric"), trained=bool(cfg.train))
 
 
 def _fit_test_export(cfg: DictConfig, trainer: L.Trainer, module, datamodule, output_dir: Path) -> dict:
     """Fit, test the best checkpoint, and export the best weights (adapter, optionally a stock checkpoint)."""
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     best = _best_checkpoint(trainer)
     metrics = {"training": _training_counts(trainer, datamodule)}
     if cfg.test:
         metrics["fine_tuned"] = _test(trainer, module, datamodule, ckpt_path=best)  # also loads `best`
     elif best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"], strict=False)
+        load_trainable_weights(module, best)
     _export_adapter(module, output_dir, model_config_of(cfg))
     if cfg.get("export_stock_checkpoint"):
         _export_stock(module, cfg.export_stock_checkpoint, model_config_of(cfg))
@@ -78,7 +84,7 @@ def _fit_test_export(cfg: DictConfig, trainer: L.Trainer, module, datamodule, ou
 
 
 def _test(trainer: L.Trainer, module, datamodule, ckpt_path) -> dict:
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True)
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
@@ -88,6 +94,20 @@ def _training_counts(trainer: L.Trainer, datamodule) -> dict[str, int]:
     images = int(trainer.strategy.reduce(count, reduce_op="sum").item())
     guards = [c for c in trainer.callbacks if isinstance(c, NanGuard)]
     return {"skipped_images": images, "skipped_steps": guards[0].skipped_steps if guards else 0}
+
+
+def load_trainable_weights(module, path: str | Path) -> None:
+    """Load a Lightning checkpoint's trainable weights (all it holds) into `module`, pickle-free and checked.
+
+    Raises:
+        RuntimeError: the checkpoint lacks some of the module's trainable weights or holds unknown ones.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    result = module.load_state_dict(state, strict=False)  # frozen base weights are not in checkpoints
+    missing = sorted(f"model.{n}" for n in _trainable(module) if f"model.{n}" in set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{path} does not fit this model: missing trainable {missing[:5]}, unexpected "
+                           f"{sorted(result.unexpected_keys)[:5]}; use the lora.*/model.* settings it was written with")
 
 
 def _trainable(module) -> dict:
@@ -133,8 +153,9 @@ def _write_metrics(metrics: dict, output_dir: Path) -> None:
     log.info("test metrics (zero-shot vs fine-tuned):\n%s", summary)
 
 
-def _optimized_value(metrics: dict, name: str | None) -> float | None:
-    source = metrics.get("fine_tuned") or metrics.get("zero_shot") or {}
+def _optimized_value(metrics: dict, name: str | None, trained: bool) -> float | None:
+    # after training only the fine-tuned test counts: the zero-shot number is the same for every sweep trial
+    source = metrics.get("fine_tuned") or ({} if trained else metrics.get("zero_shot")) or {}
     if not name or not source:
         return None
     if name not in source:

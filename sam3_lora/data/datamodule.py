@@ -139,6 +139,12 @@ class CocoDataModule(LightningDataModule):
     def _generate_if_needed(self) -> None:
         if self.generate_shapes is None or SplitPaths.roboflow(self.root, "train").annotation_file.exists():
             return
+        own_folder = f"shapes_{self.generate_shapes.get('style', 'source')}"  # the demo's default data.root
+        if self.root.name != own_folder:
+            # never write synthetic images into a user's path (e.g. `experiment=demo data.root=/my/export`)
+            raise FileNotFoundError(f"data.root={self.root} has no train/_annotations.coco.json; the synthetic "
+                                    f"dataset is only generated into a folder named '{own_folder}' (the demo's "
+                                    "default data.root): point data.root at a COCO export, or leave it unset")
         if self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()  # an empty folder (e.g. made by a launcher) is as good as absent
         log.info("generating the synthetic shapes dataset at %s", self.root)

@@ -1,0 +1,146 @@
+"""Config mistakes are errors before training (issue 9, item 5), and checkpoints load pickle-free (item 8)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sam3_lora import train as train_module
+from sam3_lora.config_checks import SETTINGS_KEY, ConfigError, check_config
+from sam3_lora.data.shapes import write_shapes_dataset
+from sam3_lora.train import load_trainable_weights, run
+from tests.conftest import REPO
+from tests.train_helpers import SMALL_RUN, compose_config
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", style="target", num_train=8,
+                                num_valid=4, num_test=4, progress=False)
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Every check below must fire before the model is built."""
+    def refuse(cfg):
+        raise AssertionError("the model was built before the config/data error was raised")
+    monkeypatch.setattr(train_module, "build_model", refuse)
+
+
+def _error(shapes_root, tmp_path, *overrides) -> str:
+    with pytest.raises(ConfigError) as info:
+        run(compose_config(shapes_root, tmp_path, list(overrides)))
+    return str(info.value)
+
+
+def test_bf16_true_is_refused_with_the_rope_reason(shapes_root, tmp_path, no_model_build):
+    message = _error(shapes_root, tmp_path, "trainer.precision=bf16-true")
+    assert "'trainer.precision' = 'bf16-true'" in message and "RoPE" in message and "bf16-mixed" in message
+
+
+def test_unread_top_level_key_is_an_error(shapes_root, tmp_path, no_model_build):
+    assert "'foo': no code reads" in _error(shapes_root, tmp_path, "+foo=1")
+
+
+def test_misspelled_key_in_a_group_names_the_key_and_the_target(shapes_root, tmp_path, no_model_build):
+    message = _error(shapes_root, tmp_path, "+data.batchsize=4", "+module.learning_rate=1e-3")
+    assert "'data.batchsize'" in message and "CocoDataModule has no parameter" in message
+    assert "'module.learning_rate'" in message
+
+
+def test_appended_callback_with_its_arguments_passes(shapes_root, tmp_path):
+    cfg = compose_config(shapes_root, tmp_path, ["+callbacks.x._target_=tests.train_helpers.StopAfterEpoch",
+                                                 "+callbacks.x.epoch=0"])
+    check_config(cfg)  # no error
+    cfg_typo = compose_config(shapes_root, tmp_path, ["+callbacks.x._target_=tests.train_helpers.StopAfterEpoch",
+                                                      "+callbacks.x.epochs=0"])
+    with pytest.raises(ConfigError, match=r"'callbacks\.x\.epochs'"):
+        check_config(cfg_typo)
+
+
+def test_impossible_values_fail_naming_each_key(shapes_root, tmp_path, no_model_build):
+    message = _error(shapes_root, tmp_path, "module.lr=-1", "data.batch_size=0")
+    assert "'module.lr' = -1" in message and "'data.batch_size' = 0" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about machines without GPUs")
+def test_several_devices_without_gpus_warns_about_cpu_processes(shapes_root, tmp_path, caplog):
+    cfg = compose_config(shapes_root, tmp_path, ["trainer.devices=4"])
+    with caplog.at_level(logging.WARNING, logger="sam3_lora.config_checks"):
+        check_config(cfg)
+    assert "trainer.devices=4 on a machine without GPUs: this runs 4 CPU processes" in caplog.text
+
+
+def test_demo_never_generates_into_a_user_path(tmp_path, no_model_build):
+    user_path = tmp_path / "my_export"
+    cfg = compose_config(user_path, tmp_path / "out")  # experiment=demo: generate_shapes is set
+    with pytest.raises(FileNotFoundError, match="only generated into a folder named 'shapes_target'"):
+        run(cfg)
+    assert not user_path.exists()
+
+
+def test_bad_data_fails_before_the_model_is_built(shapes_root, tmp_path, no_model_build):
+    import json
+    import shutil
+
+    from sam3_lora.data.report import DataValidationError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shapes_root, bad)
+    annotations = bad / "train/_annotations.coco.json"
+    coco = json.loads(annotations.read_text())
+    coco["annotations"][0]["category_id"] = 999
+    annotations.write_text(json.dumps(coco))
+    with pytest.raises(DataValidationError, match="999"):
+        run(compose_config(bad, tmp_path / "out"))
+
+
+def test_resume_with_other_lora_settings_names_the_checkpoint_settings(shapes_root, tmp_path):
+    common = ["validate_before_fit=false", "test=false", "trainer.max_steps=1", "lora.rank=4"]
+    run(compose_config(shapes_root, tmp_path / "a", common))
+    last = tmp_path / "a/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)[SETTINGS_KEY]["lora.rank"] == 4
+    message = _error(shapes_root, tmp_path / "b", *common[:-1], "lora.rank=8", f"ckpt_path={last}")
+    assert "this checkpoint was trained with lora.rank=4 (this run: 8)" in message
+
+
+def test_sweep_with_test_false_is_an_error(shapes_root, tmp_path):
+    args = [sys.executable, "train.py", "-m", *SMALL_RUN, f"data.root={shapes_root}", "test=false",
+            f"hydra.sweep.dir={tmp_path}", "lora.rank=2,4"]
+    result = subprocess.run(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0
+    assert "'test' = false in a sweep" in result.stderr
+    assert not (tmp_path / "0/checkpoints").exists()  # refused before training
+    assert train_module._optimized_value({"zero_shot": {"m": 0.5}}, "m", trained=True) is None
+
+
+class _Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        self.model[0].requires_grad_(False)  # frozen: not in checkpoints
+
+
+def test_best_checkpoint_reload_is_pickle_free_and_checks_keys(tmp_path):
+    holder = _Holder()
+    trainable = {f"model.{n}": p.detach() + 1 for n, p in holder.model.named_parameters() if p.requires_grad}
+    torch.save({"state_dict": trainable}, tmp_path / "best.ckpt")
+    load_trainable_weights(holder, tmp_path / "best.ckpt")
+    assert torch.equal(holder.model[1].weight, trainable["model.1.weight"])
+
+    renamed = {k.replace("model.1", "model.9"): v for k, v in trainable.items()}
+    torch.save({"state_dict": renamed}, tmp_path / "renamed.ckpt")
+    with pytest.raises(RuntimeError, match=r"missing trainable \['model.1.bias', 'model.1.weight'\]"):
+        load_trainable_weights(holder, tmp_path / "renamed.ckpt")
+
+    torch.save({"state_dict": trainable, "payload": _Holder}, tmp_path / "pickled.ckpt")  # a class: needs pickle
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_trainable_weights(holder, tmp_path / "pickled.ckpt")
