@@ -1,20 +1,29 @@
-"""What LoRA costs and saves: trainable %, adapter size, train-step time and peak memory, inference time.
+"""What LoRA and the memory presets cost: peak memory, seconds per training step, trainable share; inference time.
 
-    python bench/lora_cost.py                      # tiny SAM3 at 112 px (seconds)
-    python bench/lora_cost.py --full --resolution 336 --steps 2   # the 840 M architecture, reduced resolution
+    python bench/lora_cost.py                                   # tiny SAM3 at 112 px (seconds)
+    python bench/lora_cost.py --model sam3 --resolution 504,1008 --modes full,lora,lean --steps 1 --warmup 0
+    python bench/lora_cost.py --model sam3 --resolution 504 --modes lora,full --breakdown   # where activations go
 
-Each measurement runs in its own subprocess so peak RSS (CPU) / peak CUDA memory belongs to that mode alone.
-Modes: LoRA (rank 16, default preset vision+detr, heads fully trained), heads-only, full fine-tune.
-Prints one Markdown table. Goals (issue #2): LoRA step <= 0.75 x full FT step, LoRA peak memory well under
-full FT's, merged inference <= 1.01 x base, unmerged <= 1.05 x, adapter <= 1.5 % of base at rank 16.
+A mode is a list of Hydra overrides of conf/train.yaml (`full` is `lora=full`, `lean` is `preset=lean`, `lastN`
+is `lora.vision_last_blocks=N`; see MODES), so the bench measures exactly what `python train.py <overrides>`
+builds: the model, LoRA, the loss (incl. `module.mask_loss_points`), the optimiser groups and the precision.
+Each mode runs in a fresh subprocess, so peak memory belongs to that mode alone: peak RSS on CPU (VmHWM, reset
+after the model is built, so it is the training steps' peak), `torch.cuda.max_memory_allocated` on CUDA.
+The batch is synthetic (bench/crowded_batch.py): `--images` images, `--prompts` prompts per image with
+`--instances` instances each, masks at the input size; `data.max_queries_per_image` caps the prompts.
+Before the timed steps the optimiser state is allocated (one AdamW step with zero gradients), so even
+`--warmup 0 --steps 1` measures a steady-state step (full fine-tuning's 2 x 4 bytes per parameter included).
+Workers apply the project's glibc malloc settings (`sam3_lora.memory.tune_glibc_malloc`, as train.py) unless
+`--malloc default`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,95 +31,141 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HEADS = ["dot_prod_scoring", "transformer.decoder.bbox_embed", "transformer.decoder.presence_token_head",
-         "transformer.decoder.ref_point_head"]
-TRAIN_MODES = {"lora": (["vision", "detr"], HEADS), "heads-only": ([], HEADS), "full FT": None}
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+MODES = {
+    "full": ["lora=full"],
+    "lora": [],
+    "lean": ["preset=lean"],
+    "bf16": ["lora.frozen_dtype=bfloat16", "trainer.precision=bf16-mixed"],
+    "points": ["module.mask_loss_points=12544"],
+    "caps": ["data.max_queries_per_image=2"],
+    "no_ckpt": ["model.activation_checkpointing=false"],
+    "ckpt": ["model.activation_checkpointing=true"],
+}
+LAST_N = re.compile(r"last(\d+)$")
 
 
-def model_config(full: bool, resolution: int) -> dict:
-    from omegaconf import OmegaConf
-
-    merged = OmegaConf.load(REPO / "conf/model/sam3.yaml")
-    if not full:
-        merged = OmegaConf.merge(merged, OmegaConf.load(REPO / "conf/model/sam3_tiny.yaml"))
-    config = OmegaConf.to_container(merged)
-    config.pop("_target_")
-    config.pop("defaults", None)
-    config.update(checkpoint=None, resolution=resolution, vit_pretrain_size=min(resolution, config["vit_pretrain_size"]))
-    if full:
-        config["vit_global_blocks"] = [7, 15, 23, 31]
-    return config
+def mode_overrides(mode: str) -> list[str]:
+    """Hydra overrides of a mode name (`lastN` = LoRA in the last N ViT blocks only)."""
+    match = LAST_N.match(mode)
+    if match:
+        return [f"lora.vision_last_blocks={match.group(1)}"]
+    if mode not in MODES:
+        raise SystemExit(f"unknown mode {mode!r}: choose from {sorted(MODES)} or lastN")
+    return MODES[mode]
 
 
-def make_model(config: dict, mode: str, rank: int):
-    from sam3_lora.lora import apply_lora
-    from sam3_lora.model import build_sam3
+def compose_config(model: str, resolution: int, overrides: list[str], precision: str | None):
+    from hydra import compose, initialize_config_dir
 
-    model = build_sam3(**config)
-    if mode == "full FT":
-        return model
-    targets, heads = TRAIN_MODES[mode]
-    return apply_lora(model, rank=rank, alpha=2 * rank, targets=targets, modules_to_save=heads)
+    import sam3_lora.config  # noqa: F401  (registers the config resolvers)
+
+    base = [f"model={model}", "model.checkpoint=null", f"model.resolution={resolution}",
+            f"model.vit_pretrain_size={min(resolution, 336)}", "data=shapes", "data.max_queries_per_image=null"]
+    base += [f"trainer.precision={precision}"] if precision else []
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=base + overrides)
 
 
-def _peak_memory_mb(device) -> float:
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_mb(device) -> float:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def _allocate_optimizer_state(optimizer, parameters) -> None:
+    import torch
+
+    for parameter in parameters:
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def worker_train(args) -> dict:
     import torch
+    from hydra.utils import instantiate
 
-    import sam3_lora  # noqa: F401
+    from crowded_batch import crowded_batch
     from sam3_lora.losses import build_sam3_loss
-    from sam3_lora.module import inner_sam3
-    from tests.conftest import make_batch
+    from sam3_lora.memory import SavedTensorLedger, sam3_group, tune_glibc_malloc
+    from sam3_lora.module import inner_sam3, parameter_groups
+    from sam3_lora.train import build_model
 
+    malloc = tune_glibc_malloc() if args.malloc == "tuned" else False
+    cfg = compose_config(args.model, args.resolution, mode_overrides(args.mode), args.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = model_config(args.full, args.resolution)
-    model = make_model(config, args.mode, args.rank).to(device)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
     sam3 = inner_sam3(model)
     sam3._device = None
+    hp = cfg.module
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    loss_fn = build_sam3_loss(with_masks=True)
-    batch = make_batch(args.resolution, num_images=args.images)
-    batch = _to(batch, device)
-    times = []
-    for _ in range(args.warmup + args.steps):
+    optimizer = torch.optim.AdamW(parameter_groups(model, hp.lr, hp.head_lr or hp.lr, hp.weight_decay,
+                                                   hp.component_lr, hp.vision_layer_decay))
+    if not args.lazy_optimizer:
+        _allocate_optimizer_state(optimizer, trainable)
+    loss_fn = build_sam3_loss(with_masks=True, mask_points=hp.mask_loss_points)
+    prompts = min(args.prompts, cfg.data.max_queries_per_image or args.prompts)
+    batch = _to(crowded_batch(args.resolution, args.images, prompts, args.instances), device)
+    autocast = "bf16" in str(cfg.trainer.precision)
+    times, breakdown = [], None
+    _reset_peak(device)
+    for step in range(args.warmup + args.steps):
+        ledger = SavedTensorLedger(model) if args.breakdown and step == 0 else None
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(batch)
-            loss = loss_fn(out, [sam3.back_convert(t) for t in batch.find_targets])["core_loss"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with ledger or contextlib.nullcontext():
+                out = model(batch)
+                loss = loss_fn(out, [sam3.back_convert(t) for t in batch.find_targets])["core_loss"]
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 0.1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        if ledger is not None:
+            breakdown = {k: round(v / 2**20) for k, v in ledger.by_group(sam3_group).items()}
+        del out, loss
+    measured = sorted(times[args.warmup:])
     total = sum(p.numel() for p in model.parameters())
-    return {"step_s": sorted(times[args.warmup:])[len(times[args.warmup:]) // 2], "peak_mb": _peak_memory_mb(device),
-            "trainable": sum(p.numel() for p in trainable), "total": total}
+    return {"step_s": measured[len(measured) // 2], "peak_mb": _peak_mb(device),
+            "trainable": sum(p.numel() for p in trainable), "total": total, "prompts": prompts,
+            "malloc_tuned": malloc, "breakdown_mb": breakdown, "overrides": mode_overrides(args.mode)}
 
 
 def worker_infer(args) -> dict:
     import torch
 
-    import sam3_lora  # noqa: F401
+    from crowded_batch import crowded_batch
     from sam3_lora.adapter import merge_adapter
-    from tests.conftest import make_batch
+    from sam3_lora.memory import tune_glibc_malloc
+    from sam3_lora.train import build_model
 
+    tune_glibc_malloc() if args.malloc == "tuned" else None
+    overrides = ["lora.targets=[]", "lora.modules_to_save=[]"] if args.mode == "base" else []
+    cfg = compose_config(args.model, args.resolution, overrides, args.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = model_config(args.full, args.resolution)
     torch.manual_seed(0)
-    model = make_model(config, "full FT" if args.mode == "base" else "lora", args.rank)
+    model = build_model(cfg)
     if args.mode == "merged":  # what users deploy: the exported stock checkpoint, loaded into a fresh SAM3
-        model = _reload_merged(merge_adapter(model), config)
+        model = _reload_merged(merge_adapter(model), cfg)
     model = model.to(device).eval()
-    batch = _to(make_batch(args.resolution, num_images=args.images), device)
+    batch = _to(crowded_batch(args.resolution, args.images, args.prompts, args.instances), device)
     times = []
     with torch.no_grad():
         for _ in range(args.warmup + args.steps):
@@ -119,17 +174,19 @@ def worker_infer(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return {"infer_s": sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]}
+    measured = sorted(times[args.warmup:])
+    return {"infer_s": measured[len(measured) // 2]}
 
 
-def _reload_merged(merged, config: dict):
+def _reload_merged(merged, cfg):
+    from hydra.utils import instantiate
+
     from sam3_lora.checkpoint_io import save_stock_checkpoint
-    from sam3_lora.model import build_sam3
 
     with tempfile.TemporaryDirectory() as tmp:
         save_stock_checkpoint(merged.state_dict(), Path(tmp) / "merged.safetensors")
         del merged
-        return build_sam3(**{**config, "checkpoint": str(Path(tmp) / "merged.safetensors")})
+        return instantiate(cfg.model, checkpoint=str(Path(tmp) / "merged.safetensors"))
 
 
 def _to(batch, device):
@@ -138,84 +195,99 @@ def _to(batch, device):
     return copy_data_to_device(batch, device) if device.type == "cuda" else batch
 
 
-def adapter_sizes(full: bool, resolution: int, rank: int) -> dict:
-    import torch
-
-    import sam3_lora  # noqa: F401
-    from sam3_lora.checkpoint_io import save_stock_checkpoint
-    from sam3_lora.adapter import save_adapter
-
-    config = model_config(full, resolution)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(config, "lora", rank)
-        save_adapter(model, Path(tmp) / "adapter", config)
-        base = {k: v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
-        save_stock_checkpoint(base, Path(tmp) / "base.safetensors")
-        del model, base
-        adapter_mb = (Path(tmp) / "adapter/adapter_model.safetensors").stat().st_size / 2**20
-        base_mb = (Path(tmp) / "base.safetensors").stat().st_size / 2**20
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"adapter_mb": adapter_mb, "base_mb": base_mb}
-
-
-def _spawn(args, worker: str, mode: str) -> dict:
-    command = [sys.executable, __file__, "--worker", worker, "--mode", mode, "--resolution", str(args.resolution),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank),
-               "--images", str(args.images)] + (["--full"] if args.full else [])
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+def _spawn(args, worker: str, mode: str, resolution: int) -> dict:
+    command = [sys.executable, __file__, "--worker", worker, "--mode", mode, "--resolution", str(resolution),
+               "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--images", str(args.images), "--prompts", str(args.prompts), "--instances", str(args.instances),
+               "--malloc", args.malloc] + (["--breakdown"] if args.breakdown else []) \
+        + (["--lazy-optimizer"] if args.lazy_optimizer else []) \
+        + (["--precision", args.precision] if args.precision else [])
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode:
-        raise RuntimeError(f"{worker} {mode} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{worker} {mode} at {resolution} px failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="the 840 M SAM3 architecture (random init)")
-    parser.add_argument("--resolution", type=int, default=None, help="input side (default 112 tiny / 336 full)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--images", type=int, default=2, help="images per batch (2 queries each)")
-    parser.add_argument("--parts", default="train,infer,size", help="comma list of: train, infer, size")
+    parser.add_argument("--model", default="sam3_tiny", choices=["sam3", "sam3_tiny"],
+                        help="conf/model choice: sam3 = the 840 M architecture (random init)")
+    parser.add_argument("--resolution", default=None, help="comma list of input sides (default 112 tiny / 1008)")
+    parser.add_argument("--modes", default="full,lora,lean", help=f"comma list of {sorted(MODES)} or lastN")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts (find-queries) per image")
+    parser.add_argument("--instances", type=int, default=10, help="instances per prompt")
+    parser.add_argument("--precision", default=None, help="trainer.precision for every mode (e.g. bf16-mixed)")
+    parser.add_argument("--malloc", default="tuned", choices=["tuned", "default"], help="glibc malloc thresholds")
+    parser.add_argument("--lazy-optimizer", action="store_true",
+                        help="do not allocate AdamW state before the steps: a first step's peak (less than steady state "
+                             "by 8 bytes per trainable parameter when --warmup 0 --steps 1)")
+    parser.add_argument("--breakdown", action="store_true", help="also report saved-for-backward MB per component")
+    parser.add_argument("--parts", default="train", help="comma list of: train, infer")
+    parser.add_argument("--json", default=None, help="write {mode: {step_s, peak_mb, trainable}} (per resolution)")
     parser.add_argument("--worker", choices=["train", "infer"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.resolution = args.resolution or (336 if args.full else 112)
     if args.worker:
-        worker = worker_train if args.worker == "train" else worker_infer
-        print(json.dumps(worker(args)))
+        args.resolution = int(args.resolution)
+        print(json.dumps((worker_train if args.worker == "train" else worker_infer)(args)))
         return
     report(args)
 
 
 def report(args) -> None:
     parts = set(args.parts.split(","))
-    print(f"\n{'full' if args.full else 'tiny'} SAM3, {args.resolution} px, rank {args.rank}, "
-          f"{args.images} images x 2 prompts, median of {args.steps} steps\n")
-    if "train" in parts:
-        print_train({mode: _spawn(args, "train", mode) for mode in TRAIN_MODES})
-    if "infer" in parts:
-        print_infer({mode: _spawn(args, "infer", mode) for mode in ("base", "unmerged", "merged")})
-    if "size" in parts:
-        sizes = adapter_sizes(args.full, args.resolution, args.rank)
-        print(f"\n| adapter (rank {args.rank}, vision+detr + heads) | base checkpoint | adapter / base |\n|---:|---:|---:|")
-        print(f"| {sizes['adapter_mb']:.2f} MB | {sizes['base_mb']:.1f} MB | "
-              f"{100 * sizes['adapter_mb'] / sizes['base_mb']:.2f} % |")
+    resolutions = [int(r) for r in (args.resolution or ("112" if args.model == "sam3_tiny" else "1008")).split(",")]
+    results = {}
+    for resolution in resolutions:
+        print(f"\n{args.model}, {resolution} px, {args.images} image(s) x {args.prompts} prompts x {args.instances} "
+              f"instances, masks on, median of {args.steps} step(s) after {args.warmup} warm-up, malloc {args.malloc}"
+              f"{', precision ' + args.precision if args.precision else ''}"
+              f"{', AdamW state allocated lazily' if args.lazy_optimizer else ''}\n", flush=True)
+        if "train" in parts:
+            train = {}
+            for mode in args.modes.split(","):
+                train[mode] = _spawn(args, "train", mode, resolution)
+                print(f"  {mode}: {train[mode]['step_s']:.2f} s/step, {train[mode]['peak_mb']:.0f} MB", flush=True)
+            print_train(train, args.images)
+            if args.breakdown:
+                print_breakdown(train)
+            results[resolution] = train
+        if "infer" in parts:
+            print_infer({mode: _spawn(args, "infer", mode, resolution) for mode in ("base", "unmerged", "merged")})
+    if args.json:
+        flat = {r: {m: {k: v[k] for k in ("step_s", "peak_mb", "trainable")} for m, v in t.items()}
+                for r, t in results.items()}
+        Path(args.json).write_text(json.dumps(flat[resolutions[0]] if len(flat) == 1 else flat, indent=2))
 
 
-def print_train(train: dict) -> None:
-    full_ft = train["full FT"]
-    print("| mode | trainable | trainable % | train step (s) | × full FT | peak memory (MB) | × full FT |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+def print_train(train: dict, images: int) -> None:
+    full = train.get("full")
+    print("\n| mode | overrides | trainable | trainable % | s/step | images/s | × full | peak MB | × full |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in train.items():
-        print(f"| {mode} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} | {r['step_s']:.3f} | "
-              f"{r['step_s'] / full_ft['step_s']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / full_ft['peak_mb']:.2f} |")
+        time_ratio = f"{r['step_s'] / full['step_s']:.2f}" if full else "-"
+        memory_ratio = f"{r['peak_mb'] / full['peak_mb']:.2f}" if full else "-"
+        print(f"| {mode} | `{' '.join(r['overrides']) or '(defaults)'}` | {r['trainable']:,} | "
+              f"{100 * r['trainable'] / r['total']:.2f} | {r['step_s']:.2f} | {images / r['step_s']:.3f} | "
+              f"{time_ratio} | {r['peak_mb']:.0f} | {memory_ratio} |")
+
+
+def print_breakdown(train: dict) -> None:
+    groups = sorted({g for r in train.values() for g in (r["breakdown_mb"] or {})},
+                    key=lambda g: -max((r["breakdown_mb"] or {}).get(g, 0) for r in train.values()))
+    print("\nsaved for backward at the end of forward + loss (MB; activation-checkpointed regions excluded):\n")
+    print("| component | " + " | ".join(train) + " |\n|---|" + "---:|" * len(train))
+    for group in groups:
+        print(f"| {group} | " + " | ".join(str((r["breakdown_mb"] or {}).get(group, 0)) for r in train.values()) + " |")
+    print("| **total** | " + " | ".join(str(sum((r["breakdown_mb"] or {}).values())) for r in train.values()) + " |")
 
 
 def print_infer(infer: dict) -> None:
     base = infer["base"]["infer_s"]
-    print("\n| inference | time (s) | × base |\n|---|---:|---:|")
+    print("\n| inference (no grad) | time (s) | × base |\n|---|---:|---:|")
     for mode, r in infer.items():
         print(f"| {mode} | {r['infer_s']:.4f} | {r['infer_s'] / base:.3f} |")
 

@@ -12,6 +12,7 @@ from sam3_lora.callbacks import require_finite
 from sam3_lora.evaluation import CocoEvaluator, load_ground_truth
 from sam3_lora.evaluation.box_only import has_box_only, segm_ground_truth
 from sam3_lora.losses import build_sam3_loss
+from sam3_lora.memory import base_name, frozen_low_precision
 from sam3_lora.model import count_parameters
 from sam3_lora.schedules import build_scheduler
 
@@ -42,13 +43,22 @@ class Sam3LoraModule(L.LightningModule):
             the data has masks).
         eval_topk: detections kept per (image, category) for COCO evaluation.
         log_images_every_n_epochs: TensorBoard validation panel frequency (0 = never).
+        mask_loss_points: mask losses on this many sampled points per mask (sam3's point-sampled `Masks`)
+            instead of full-resolution masks; None = full resolution.
+        component_lr: learning rates of fully trained parameters by component, {"vision": ..., "text": ...}
+            (Meta's full fine-tune: vision 2.5e-5, text 5e-6); other fully trained parameters use `head_lr`.
+            LoRA tensors always use `lr`.
+        vision_layer_decay: layer-wise decay of the vision lr for fully trained ViT parameters (Meta: 0.9):
+            block i of d gets lr * decay ** (d - i), the patch embedding decay ** (d + 1) (sam3's
+            `layer_decay_param_modifier` rule); None = no decay.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-4, head_lr: float | None = None,
                  weight_decay: float = 0.1, schedule: str = "cosine", warmup_steps: int = 20,
                  cooldown_steps: int = 0, min_lr_ratio: float = 0.0, timescale: int = 20,
                  with_masks: bool | str = "auto",
-                 eval_topk: int = 100, log_images_every_n_epochs: int = 1):
+                 eval_topk: int = 100, log_images_every_n_epochs: int = 1, mask_loss_points: int | None = None,
+                 component_lr: dict[str, float] | None = None, vision_layer_decay: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -63,7 +73,9 @@ class Sam3LoraModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         masks = self._masks_enabled(datamodule)
         normalization = "global" if self.trainer.world_size > 1 else "local"
-        self.loss_fn = build_sam3_loss(with_masks=masks, normalization=normalization)
+        self.loss_fn = build_sam3_loss(with_masks=masks, normalization=normalization,
+                                       mask_points=self.hparams.mask_loss_points)
+        _check_precision(self.model, self.trainer.precision)
         self.category_names = dict(datamodule.category_names)
         for split in ("valid", "test"):  # without a test split, "test" is the valid split (as the loaders)
             ground_truth = load_ground_truth(datamodule.annotation_file(split))
@@ -171,7 +183,8 @@ class Sam3LoraModule(L.LightningModule):
     # ----- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self):
         groups = parameter_groups(self.model, self.hparams.lr, self.hparams.head_lr or self.hparams.lr,
-                                  self.hparams.weight_decay)
+                                  self.hparams.weight_decay, self.hparams.component_lr,
+                                  self.hparams.vision_layer_decay)
         optimizer = torch.optim.AdamW(groups)
         scheduler = build_scheduler(optimizer, self.hparams.schedule, self.hparams.warmup_steps,
                                     int(self.trainer.estimated_stepping_batches), self.hparams.cooldown_steps,
@@ -200,19 +213,78 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
     return ids | {id(p) for p in model.parameters() if p.ndim <= 1}
 
 
-def parameter_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: LoRA tensors / fully trained modules, each with and without weight decay."""
+def parameter_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float,
+                     component_lr: dict[str, float] | None = None,
+                     vision_layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: LoRA tensors / fully trained parameters by component (and ViT layer), with and without decay.
+
+    Args:
+        model: the (LoRA-adapted) SAM3; only parameters that require grad are grouped.
+        lr: learning rate of LoRA tensors.
+        head_lr: learning rate of fully trained parameters outside `component_lr`'s components.
+        weight_decay: AdamW decay (0 for biases, norms, embeddings).
+        component_lr: {"vision": lr, "text": lr} for fully trained vision / language backbone parameters.
+        vision_layer_decay: per-ViT-layer decay of the vision lr (see `Sam3LoraModule`).
+
+    Raises:
+        ValueError: an unknown component name in `component_lr`.
+    """
+    component_lr = dict(component_lr or {})
+    unknown = set(component_lr) - set(_LR_COMPONENTS)
+    if unknown:
+        raise ValueError(f"module.component_lr has unknown components {sorted(unknown)}; "
+                         f"known: {sorted(_LR_COMPONENTS)} (everything else uses module.head_lr)")
     no_decay = _no_decay_ids(model)
-    buckets: dict[tuple[str, bool], list] = {}
+    layer_scale = _vision_layer_scale(model, vision_layer_decay)
+    buckets: dict[tuple[str, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        kind = "lora" if "lora_" in name else "head"
+        kind, group_lr = _kind_and_lr(name, lr, head_lr, component_lr, layer_scale)
         decay = id(parameter) not in no_decay
-        buckets.setdefault((kind, decay), []).append(parameter)
-    return [{"params": params, "lr": lr if kind == "lora" else head_lr,
-             "weight_decay": weight_decay if decay else 0.0, "name": f"{kind}{'' if decay else '_no_decay'}"}
-            for (kind, decay), params in sorted(buckets.items())]
+        bucket = buckets.setdefault((kind, decay), {"params": [], "lr": group_lr})
+        bucket["params"].append(parameter)
+    return [{"params": b["params"], "lr": b["lr"], "weight_decay": weight_decay if decay else 0.0,
+             "name": f"{kind}{'' if decay else '_no_decay'}"} for (kind, decay), b in sorted(buckets.items())]
+
+
+# Fully trained parameters by component (names without PEFT's wrappers), for module.component_lr.
+_LR_COMPONENTS = {"vision": "backbone.vision_backbone.", "text": "backbone.language_backbone."}
+_VISION_TRUNK = "backbone.vision_backbone.trunk."
+
+
+def _kind_and_lr(name: str, lr: float, head_lr: float, component_lr: dict, layer_scale) -> tuple[str, float]:
+    if "lora_" in name:
+        return "lora", lr
+    plain = base_name(name)
+    component = next((c for c, prefix in _LR_COMPONENTS.items() if plain.startswith(prefix)), None)
+    if component not in component_lr:
+        return "head", head_lr
+    if component == "vision" and layer_scale is not None and plain.startswith(_VISION_TRUNK):
+        layer, scale = layer_scale(plain[len(_VISION_TRUNK):])
+        return f"vision_layer{layer:02d}", component_lr["vision"] * scale
+    return component, component_lr[component]
+
+
+def _vision_layer_scale(model: nn.Module, decay: float | None):
+    """name-in-trunk -> (layer id, lr scale) by sam3's ViT `get_layer_id` and `layer_decay_param_modifier` rule."""
+    if decay is None:
+        return None
+    trunk = inner_sam3(model).backbone.vision_backbone.trunk
+    num_layers = trunk.get_num_layers() + 1
+
+    def scale(name_in_trunk: str) -> tuple[int, float]:
+        layer = trunk.get_layer_id(name_in_trunk)  # 0 stem, i + 1 block i, num_layers the rest (scale 1)
+        return layer, decay ** (num_layers - layer)
+
+    return scale
+
+
+def _check_precision(model: nn.Module, precision: str) -> None:
+    """A frozen base stored in bf16/fp16 (lora.frozen_dtype) only runs under autocast."""
+    if frozen_low_precision(model) and "mixed" not in str(precision):
+        raise ValueError(f"the frozen base is stored in low precision (lora.frozen_dtype) but trainer.precision="
+                         f"{precision}: set trainer.precision=bf16-mixed (autocast), or lora.frozen_dtype=float32")
 
 
 def _tensorboard_writer(module: L.LightningModule):
