@@ -64,11 +64,11 @@ def test_resume_from_last_equals_uninterrupted(shapes_root, tmp_path):
     # interrupted after epoch 1 of 2 (same config, so the same schedule length)
     _run(shapes_root, tmp_path / "half", *common, "trainer.max_epochs=2",
          "+callbacks.stop._target_=tests.train_helpers.StopAfterEpoch", "+callbacks.stop.epoch=0")
-    assert torch.load(tmp_path / "half/checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(tmp_path / "half/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
     _run(shapes_root, tmp_path / "resumed", *common, "trainer.max_epochs=2",
          f"ckpt_path={tmp_path / 'half/checkpoints/last.ckpt'}")
-    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
+    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
     assert (resumed["epoch"], resumed["global_step"]) == (full["epoch"], full["global_step"])
     assert resumed["lr_schedulers"][0]["last_epoch"] == full["lr_schedulers"][0]["last_epoch"]
     for key, value in full["state_dict"].items():
@@ -79,7 +79,7 @@ def test_accumulate_grad_batches_halves_optimizer_steps(shapes_root, tmp_path):
     common = ["validate_before_fit=false", "test=false"]
     _run(shapes_root, tmp_path / "a1", *common)
     _run(shapes_root, tmp_path / "a2", *common, "trainer.accumulate_grad_batches=2")
-    steps = [torch.load(tmp_path / f"{d}/checkpoints/last.ckpt", weights_only=False)["global_step"] for d in ("a1", "a2")]
+    steps = [torch.load(tmp_path / f"{d}/checkpoints/last.ckpt", weights_only=True)["global_step"] for d in ("a1", "a2")]
     assert steps == [4, 2]  # 16 images / batch 4 = 4 batches
 
 
@@ -167,7 +167,7 @@ def test_ddp_two_cpu_processes_end_with_identical_adapters(shapes_root, tmp_path
     assert rank0.keys() == rank1.keys() and rank0
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+    assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def _dumped(tmp_path) -> dict:
@@ -237,7 +237,7 @@ def test_exported_adapter_holds_the_best_checkpoint(shapes_root, tmp_path):
     from sam3_lora.adapter import build_adapted_model
 
     _run(shapes_root, tmp_path, "validate_before_fit=false", "test=false", "trainer.max_epochs=2")
-    best = torch.load(tmp_path / "checkpoints/best.ckpt", weights_only=False)["state_dict"]
+    best = torch.load(tmp_path / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
     adapted = dict(build_adapted_model(tmp_path / "adapter")[0].named_parameters())
     for key, value in best.items():
         torch.testing.assert_close(adapted[key[len("model."):]], value, rtol=0, atol=0, msg=key)
