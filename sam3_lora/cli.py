@@ -57,7 +57,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from sam3_lora.doctor import doctor_main
 
-    return doctor_main(None if args.checkpoint == "none" else args.checkpoint)
+    return doctor_main(None if args.checkpoint == "none" else args.checkpoint, download=args.download)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="check what a run needs (torch, CUDA/bf16, sam3, vocabulary, weights)")
     doctor.add_argument("--checkpoint", default="hub", help="model.checkpoint to resolve: path | hub | none")
+    doctor.add_argument("--download", action="store_true", help="with --checkpoint hub: download sam3.pt (3.4 GB) "
+                        "if not cached; without it only the local cache is checked")
     doctor.set_defaults(func=_doctor)
 
     from sam3_lora.convert.cli import add_convert_arguments

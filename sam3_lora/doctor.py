@@ -43,31 +43,48 @@ def _bpe() -> Check:
         return Check("BPE vocabulary", False, str(err))
 
 
-def _checkpoint(checkpoint: str | None) -> Check:
+# where sam3's own downloader puts the weights (sam3/model_builder.py:641-645, `download_ckpt_from_hf`)
+HUB_REPO, HUB_FILE = "facebook/sam3", "sam3.pt"
+
+
+def _cached_hub_checkpoint() -> Check:
+    """model.checkpoint=hub without downloading: is sam3.pt already in the Hugging Face cache?"""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(HUB_REPO, HUB_FILE)
+    if isinstance(cached, str):
+        return Check("model.checkpoint", True, f"hub -> {cached} (cached)")
+    return Check("model.checkpoint", False, f"hub: {HUB_REPO}/{HUB_FILE} is not downloaded yet (about 3.4 GB); "
+                 "training downloads it, or run `sam3-lora doctor --download` to fetch and check it now", False)
+
+
+def _checkpoint(checkpoint: str | None, download: bool = False) -> Check:
     from sam3_lora.checkpoint_io import resolve_checkpoint
 
     if checkpoint is None:
         return Check("model.checkpoint", True, "null: random init (tests/benchmarks only)", False)
+    if checkpoint == "hub" and not download:
+        return _cached_hub_checkpoint()  # never a multi-GB download unless asked
     try:
         return Check("model.checkpoint", True, f"{checkpoint} -> {resolve_checkpoint(checkpoint)}")
     except (FileNotFoundError, RuntimeError) as err:
         return Check("model.checkpoint", False, str(err))
 
 
-def run_checks(checkpoint: str | None = "hub") -> list[Check]:
-    """Run every check; `checkpoint` is what `model.checkpoint` would be."""
+def run_checks(checkpoint: str | None = "hub", download: bool = False) -> list[Check]:
+    """Run every check; `checkpoint` is what `model.checkpoint` would be; `download` lets "hub" download."""
     checks = [_import(name) for name in ("torch", "sam3", "lightning", "hydra", "peft", "cv2",
                                          "albumentations", "pycocotools", "faster_coco_eval")]
     if checks[0].ok:
         checks += _cuda()
     if checks[1].ok:
-        checks += [_bpe(), _checkpoint(checkpoint)]
+        checks += [_bpe(), _checkpoint(checkpoint, download)]
     return checks
 
 
-def doctor_main(checkpoint: str | None = "hub") -> int:
+def doctor_main(checkpoint: str | None = "hub", download: bool = False) -> int:
     """Print the checks; exit code 1 when a required one fails."""
-    checks = run_checks(checkpoint)
+    checks = run_checks(checkpoint, download)
     for check in checks:
         mark = "ok " if check.ok else ("FAIL" if check.required else "warn")
         print(f"[{mark:>4}] {check.name:<22} {check.detail}")

@@ -144,3 +144,15 @@ def test_best_checkpoint_reload_is_pickle_free_and_checks_keys(tmp_path):
     torch.save({"state_dict": trainable, "payload": _Holder}, tmp_path / "pickled.ckpt")  # a class: needs pickle
     with pytest.raises(Exception, match="Weights only load failed"):
         load_trainable_weights(holder, tmp_path / "pickled.ckpt")
+
+
+def test_doctor_never_downloads_the_hub_weights_unless_asked(monkeypatch, tmp_path):
+    from sam3_lora import checkpoint_io, doctor
+
+    downloads = []
+    monkeypatch.setattr(checkpoint_io, "_download_from_hub", lambda: downloads.append(1) or str(tmp_path / "x.pt"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # nothing cached
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    check = doctor._checkpoint("hub")
+    assert not downloads and not check.ok and not check.required and "--download" in check.detail
+    assert doctor._checkpoint("hub", download=True).ok and downloads == [1]
