@@ -54,6 +54,12 @@ def _predict(args: argparse.Namespace) -> int:
     return predict_main(args)
 
 
+def _predict_video(args: argparse.Namespace) -> int:
+    from sam3_lora.video import predict_video_main
+
+    return predict_video_main(args)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from sam3_lora.doctor import doctor_main
 
@@ -68,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="images + text prompts -> predictions.json and PNG overlays")
     add_predict_arguments(predict).set_defaults(func=_predict)
+
+    video = commands.add_parser("predict-video", help="video or frame folder + prompts -> tracked masks per frame "
+                                                      "(JSON, RLE) and an overlay GIF, with sam3's video model")
+    video.add_argument("source", help="adapter directory, or full checkpoint (export ... --base sam3.pt)")
+    video.add_argument("video", help="video file, or folder of frames named <index>.jpg/.png")
+    video.add_argument("--prompt", action="append", default=[], help="noun phrase to track (repeatable)")
+    video.add_argument("--base", default=None,
+                       help="adapter only: full SAM3 checkpoint with tracker.* weights (default: the adapter's base)")
+    video.add_argument("--out", required=True, help="output folder: frames/<index>.json and overlay.gif")
+    video.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
+    video.set_defaults(func=_predict_video)
 
     export = commands.add_parser("export", help="adapter directory -> merged stock SAM3 checkpoint")
     export.add_argument("adapter_dir")

@@ -121,6 +121,61 @@ def reuse_image_features(backbone, features: dict | None) -> Iterator[None]:
         del backbone.forward_image
 
 
+def _connected_components_cv2(input_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sam3/perflib/connected_components.py:32-50 (`connected_components_cpu`) on OpenCV.
+
+    Returns (labels, per-pixel size of its component; 0 on background), 8-connected, shaped like the input
+    ((B, H, W) or (B, 1, H, W)). sam3's version imports scikit-image (line 20), which sam3 0.1.4 does not depend
+    on, and fails on an empty batch (`torch.stack([])`, line 48), which its video model passes when a frame has
+    no object. skimage's 2-D `label` default is 8-connectivity with background 0, as `cv2.connectedComponents`.
+    """
+    import cv2
+    import numpy as np
+
+    labels_out = torch.zeros(input_tensor.shape, dtype=torch.int64)
+    sizes_out = torch.zeros(input_tensor.shape, dtype=torch.int64)
+    flat = input_tensor.reshape(-1, *input_tensor.shape[-2:]).cpu().numpy().astype(np.uint8)
+    for index, values in enumerate(flat):
+        count, labels = cv2.connectedComponents(values, connectivity=8)
+        labels = torch.from_numpy(labels.astype(np.int64))
+        sizes = torch.bincount(labels.flatten(), minlength=count)
+        sizes[0] = 0
+        labels_out.view(-1, *labels.shape)[index] = labels
+        sizes_out.view(-1, *labels.shape)[index] = sizes[labels]
+    return labels_out.to(input_tensor.device), sizes_out.to(input_tensor.device)
+
+
+@contextlib.contextmanager
+def video_inference_on_this_machine(video_model) -> Iterator[None]:
+    """Let sam3's video model (`Sam3VideoInference`) run on a machine without CUDA; a no-op with CUDA.
+
+    - sam3/model/sam3_tracking_predictor.py:81: the tracker's state lives on "cuda" unless
+      `offload_state_to_cpu`, which sam3/model/sam3_video_inference.py:985 never passes: passed here.
+    - sam3/model/sam3_tracker_base.py:657,664 and sam3_tracking_predictor.py:1026 call `Tensor.cuda()`
+      unconditionally: inside the block, on a machine where it could only raise, it returns the tensor.
+    - sam3/model/sam3_image.py:839 casts the tracker's backbone features to bfloat16, which the tracker
+      consumes under the CUDA bf16 autocast it enters at sam3_tracking_predictor.py:49-50: CPU bf16 autocast.
+    - sam3/perflib/connected_components.py:32-50 needs scikit-image and fails on empty batches:
+      `_connected_components_cv2` instead.
+    """
+    if has_cuda():
+        yield
+        return
+    from sam3.perflib import connected_components as cc
+
+    tracker = video_model.tracker
+    original_init, original_cuda, original_cc = tracker.init_state, torch.Tensor.cuda, cc.connected_components_cpu
+    tracker.init_state = functools.partial(original_init, offload_state_to_cpu=True)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    cc.connected_components_cpu = _connected_components_cv2
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        del tracker.init_state
+        torch.Tensor.cuda, cc.connected_components_cpu = original_cuda, original_cc
+
+
 def apply() -> None:
     """Apply the runtime patches once per process (idempotent)."""
     global _APPLIED
