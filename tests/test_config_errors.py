@@ -156,3 +156,36 @@ def test_doctor_never_downloads_the_hub_weights_unless_asked(monkeypatch, tmp_pa
     check = doctor._checkpoint("hub")
     assert not downloads and not check.ok and not check.required and "--download" in check.detail
     assert doctor._checkpoint("hub", download=True).ok and downloads == [1]
+
+
+def test_duplicate_category_names_are_an_error_unless_prompts_tell_them_apart():
+    from sam3_lora.data.queries import resolve_prompts
+
+    categories = {1: "car", 2: "car", 3: "bus"}
+    with pytest.raises(ValueError, match=r"categories share a prompt: \{'car': \[1, 2\]\}"):
+        resolve_prompts(categories, None)
+    assert resolve_prompts(categories, {2: "parked car"}) == {1: "car", 2: "parked car", 3: "bus"}
+    with pytest.raises(ValueError, match="share a prompt"):  # a prompt that collides is as bad
+        resolve_prompts({1: "car", 2: "van"}, {2: "car"})
+
+
+def test_duplicate_category_names_fail_datamodule_setup_as_a_data_error(shapes_root, tmp_path):
+    import json
+    import shutil
+
+    from sam3_lora.data.datamodule import CocoDataModule
+    from sam3_lora.data.report import DataValidationError
+
+    root = tmp_path / "dup"
+    shutil.copytree(shapes_root, root)
+    for split in ("train", "valid", "test"):
+        path = root / split / "_annotations.coco.json"
+        coco = json.loads(path.read_text())
+        coco["categories"][-1]["name"] = coco["categories"][-2]["name"]
+        path.write_text(json.dumps(coco))
+    name, second = coco["categories"][-2]["name"], coco["categories"][-1]["id"]
+    with pytest.raises(DataValidationError, match="duplicate_category_name"):
+        CocoDataModule(root=str(root), resolution=112, num_workers=0).setup()
+    module = CocoDataModule(root=str(root), resolution=112, num_workers=0, prompts={second: f"other {name}"})
+    module.setup()
+    assert module.category_names[second] == f"other {name}"

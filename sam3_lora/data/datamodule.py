@@ -23,8 +23,8 @@ from sam3.train.data.collator import collate_fn_api
 
 from sam3_lora.data.coco import CocoSplit, SplitPaths, read_splits, resolve_split_paths
 from sam3_lora.data.dataset import DatasetSettings, EpochSampler, EvalDataset, SkipCounter, TrainDataset
-from sam3_lora.data.queries import EXTRA_PHRASE_CATEGORY_ID, QuerySpec, resolve_prompts
-from sam3_lora.data.report import DataValidationError
+from sam3_lora.data.queries import EXTRA_PHRASE_CATEGORY_ID, QuerySpec, SharedPromptError, resolve_prompts
+from sam3_lora.data.report import DataValidationError, Problem
 from sam3_lora.data.resumable import LoaderPosition, ResumableDataLoader
 from sam3_lora.data.shapes import write_shapes_dataset
 from sam3_lora.data.transforms import META_SCALE_RANGE, build_eval_transform, build_train_transform
@@ -129,8 +129,17 @@ class CocoDataModule(LightningDataModule):
         fatal = [p for split in self.splits.values() for p in split.report.fatal]
         if fatal:
             raise DataValidationError(fatal)
+        self._refuse_shared_prompts()
         self._write_ground_truth()
         self._build_datasets()
+
+    def _refuse_shared_prompts(self) -> None:
+        try:
+            self.category_names
+        except SharedPromptError as err:  # a data problem: reported like the validator's, naming the field
+            problem = Problem("fatal", "duplicate_category_name", str(self.split_paths()["train"].annotation_file),
+                              f"categories field 'name': {err}")
+            raise DataValidationError([problem]) from err
 
     def split_paths(self) -> dict[str, SplitPaths]:
         """Paths of the splits to read: train and valid always, test when present or given explicitly."""

@@ -43,7 +43,8 @@ def resolve_prompts(categories: Mapping[int, str], prompts: Mapping | None) -> d
     """Category id → prompt text: the category name unless `prompts` maps its id or name to a phrase.
 
     Raises:
-        ValueError: a `prompts` key matches no category (the message lists the categories).
+        ValueError: a `prompts` key matches no category (the message lists the categories), or two categories end
+            up with the same prompt (that phrase would be asked as a positive and a negative of one image).
     """
     texts = dict(categories)
     by_name = {name: i for i, name in categories.items()}
@@ -53,7 +54,24 @@ def resolve_prompts(categories: Mapping[int, str], prompts: Mapping | None) -> d
             raise ValueError(f"data.prompts key {key!r} is neither a category id nor a name; categories are "
                              f"{ {i: n for i, n in categories.items()} }")
         texts[category_id] = str(phrase)
+    _refuse_shared_prompts(texts)
     return texts
+
+
+class SharedPromptError(ValueError):
+    """Two categories would be asked with the same phrase."""
+
+
+def _refuse_shared_prompts(texts: Mapping[int, str]) -> None:
+    ids_by_text: dict[str, list[int]] = {}
+    for category_id, text in texts.items():
+        ids_by_text.setdefault(text, []).append(category_id)
+    shared = {text: ids for text, ids in ids_by_text.items() if len(ids) > 1}
+    if shared:
+        example = {ids[1]: f"{text} (2)" for text, ids in list(shared.items())[:1]}
+        raise SharedPromptError(f"categories share a prompt: {shared} (prompt: category ids); one phrase would be asked "
+                         "as a positive and as a negative of the same image. Tell them apart with data.prompts "
+                         f"(e.g. data.prompts='{example}'), or merge the categories in the export")
 
 
 def _as_id(key) -> int | None:
