@@ -2,10 +2,12 @@
 
 Each function handles one part of the json, records what it finds in a `ValidationReport` (fatal / repaired /
 warning, naming the file, the id and the field) and returns the cleaned part. Policy:
-fatal = ambiguous or unusable data the user must fix (broken json, duplicate image/category ids, annotations of
-unknown categories, missing/unreadable/mis-sized image files); repaired = a single annotation's defect with an
-obvious fix (clip a box, drop a degenerate box or a broken segmentation, renumber duplicate annotation ids,
-drop an annotation of an image that does not exist); warning = legal but suspicious.
+fatal = ambiguous or unusable data the user must fix (broken json, empty image/category lists, entries of the wrong
+type, ids that are not integers in [0, 2^31), duplicate image/category ids, annotations of unknown categories,
+missing/unreadable/mis-sized image files); repaired = a single annotation's defect with an obvious fix (clip a
+box, drop a degenerate box, a broken or undecodable segmentation or polygon parts far outside the image, renumber
+duplicate annotation ids, drop an annotation of an image that does not exist); warning = legal but suspicious.
+Whatever the json holds, reading it raises nothing: tests/test_data_properties.py mutates exports to check that.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from sam3_lora.data.report import ValidationReport
 
 # Boxes poking out of the image by less than this many pixels are rounding noise: clipped without a report.
 BOX_TOLERANCE_PX = 0.5
+# PIL refuses to decode larger images (DecompressionBombError at 2 x Image.MAX_IMAGE_PIXELS); a json claiming more
+# is wrong, and rasterising its polygons at that size would exhaust memory before the file is even opened.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+MAX_ID = 2**31  # ids (and image sizes) must fit sam3's int32 metadata tensors
 
 
 def load_annotation_json(path: Path, report: ValidationReport) -> dict | None:
@@ -47,21 +53,38 @@ def _has_coco_lists(data: Any, path: Path, report: ValidationReport) -> bool:
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     for key in missing:
         report.add("fatal", "invalid_json", path, f"field '{key}' is missing or not a list")
-    return not missing
+    empty = [] if missing else [k for k in ("images", "categories") if not data[k]]
+    for key in empty:
+        report.add("fatal", "invalid_json", path, f"field '{key}' is an empty list: a split needs images and "
+                   "categories to ask about")
+    return not missing and not empty
 
 
 def index_images(images: list[dict], path: Path, report: ValidationReport) -> dict[int, dict]:
     """Image entries by id; missing fields or duplicate ids are fatal."""
     by_id: dict[int, dict] = {}
     for position, image in enumerate(images):
+        if not isinstance(image, dict):
+            report.add("fatal", "invalid_image_entry", path, f"images[{position}] is {image!r}, not an object with "
+                       "fields 'id', 'file_name', 'width', 'height'")
+            continue
         missing = [k for k in ("id", "file_name", "width", "height") if k not in image]
         if missing:
             report.add("fatal", "invalid_image_entry", path,
                        f"images[{position}] (id {image.get('id')}) lacks field(s) {missing}")
             continue
+        if not _is_id(image["id"]) or not isinstance(image["file_name"], str) or not image["file_name"]:
+            report.add("fatal", "invalid_image_entry", path, f"images[{position}] field 'id' = {image['id']!r} / "
+                       f"field 'file_name' = {image['file_name']!r}: need an integer id in [0, 2^31) and a file name")
+            continue
         if not (_positive_int(image["width"]) and _positive_int(image["height"])):
             report.add("fatal", "invalid_image_entry", path, f"image id {image['id']} field 'width'/'height' = "
                        f"{image['width']}/{image['height']} must be positive integers")
+            continue
+        if image["width"] * image["height"] > MAX_IMAGE_PIXELS:
+            report.add("fatal", "invalid_image_entry", path, f"image id {image['id']} field 'width'/'height' = "
+                       f"{image['width']}/{image['height']} is larger than any image PIL decodes "
+                       f"({MAX_IMAGE_PIXELS} pixels); fix the size")
             continue
         if image["id"] in by_id:
             report.add("fatal", "duplicate_image_id", path, f"image id {image['id']} field 'id' is used by "
@@ -75,9 +98,12 @@ def index_categories(categories: list[dict], path: Path, report: ValidationRepor
     """Category entries by id; missing id/name or duplicate ids are fatal, duplicate names a warning."""
     by_id: dict[int, dict] = {}
     for position, category in enumerate(categories):
-        if "id" not in category or not isinstance(category.get("name"), str):
+        if not isinstance(category, dict) or not _is_id(category.get("id")) \
+                or not isinstance(category.get("name"), str):
+            shown = category.get("id") if isinstance(category, dict) else category
             report.add("fatal", "invalid_category_entry", path,
-                       f"categories[{position}] (id {category.get('id')}) needs an 'id' and a string 'name'")
+                       f"categories[{position}] (id {shown!r}) needs an integer field 'id' in [0, 2^31) and a string "
+                       "field 'name'")
         elif category["id"] in by_id:
             report.add("fatal", "duplicate_category_id", path, f"category id {category['id']} field 'id' is used "
                        f"by '{by_id[category['id']]['name']}' and '{category['name']}'; make ids unique")
@@ -109,13 +135,17 @@ def clean_annotations(annotations: list[dict], images: dict[int, dict], categori
 
 def _has_valid_references(ann: dict, position: int, images: dict, categories: dict, path: Path,
                           report: ValidationReport) -> bool:
+    if not isinstance(ann, dict):
+        report.add("fatal", "invalid_annotation_entry", path, f"annotations[{position}] is {ann!r}, not an object "
+                   "with fields 'image_id', 'category_id', 'bbox'")
+        return False
     ann_id = ann.get("id", f"at annotations[{position}]")
-    if "category_id" not in ann or ann["category_id"] not in categories:
+    if not _is_id(ann.get("category_id")) or ann["category_id"] not in categories:
         report.add("fatal", "unknown_category", path, f"annotation id {ann_id} field 'category_id' = "
-                   f"{ann.get('category_id')} is not in 'categories' (ids {sorted(categories)}); "
+                   f"{ann.get('category_id')!r} is not in 'categories' (ids {sorted(categories)}); "
                    "add the category or fix the annotation")
         return False
-    if ann.get("image_id") not in images:
+    if not _is_id(ann.get("image_id")) or ann["image_id"] not in images:
         report.add("repaired", "unknown_image", path, f"annotation id {ann_id} field 'image_id' = "
                    f"{ann.get('image_id')} is not in 'images'; annotation dropped")
         return False
@@ -149,8 +179,12 @@ def _clean_segmentation(ann: dict, image: dict, path: Path, report: ValidationRe
         if dropped and seg:
             report.add("repaired", "invalid_polygon", path, f"{where}: dropped {dropped} polygon part(s) with "
                        "fewer than 3 points, an odd length or non-numbers")
+        seg, far = _parts_within_reach(seg, image["width"], image["height"])
+        if far:
+            report.add("repaired", "polygon_out_of_bounds", path, f"{where}: dropped {far} polygon part(s) with "
+                       f"points more than one image size outside the {image['width']}x{image['height']} image")
     else:
-        problem = masks.rle_problem(seg, image["height"], image["width"])
+        problem = masks.rle_problem(seg, image["height"], image["width"]) or _undecodable(seg, image)
         if problem:
             report.add("repaired", "invalid_rle", path, f"{where}: {problem}; kept as box-only")
             return []
@@ -158,6 +192,31 @@ def _clean_segmentation(ann: dict, image: dict, path: Path, report: ValidationRe
         report.add("repaired", "empty_polygon", path, f"{where} covers no pixel; kept as box-only")
         return []
     return seg
+
+
+def _undecodable(rle: dict, image: dict) -> str | None:
+    """Why pycocotools cannot decode an RLE (its runs must add up to height*width), found here, not mid-epoch."""
+    try:
+        masks.decode_mask(rle, image["height"], image["width"])
+    except (ValueError, TypeError, OverflowError) as err:
+        return f"RLE counts cannot be decoded ({err})"
+    return None
+
+
+def _parts_within_reach(parts: list[list[float]], width: int, height: int) -> tuple[list[list[float]], int]:
+    """Keep the polygon parts whose points lie at most one image size outside the image.
+
+    pycocotools rasterises each edge point by point (5 samples per pixel of its length, whatever the image size),
+    so a coordinate like 1e9 costs gigabytes; a point that far out is an export error, not a shape.
+    """
+    reach = max(width, height)
+
+    def near(part: list[float]) -> bool:
+        return (all(-reach <= x <= width + reach for x in part[0::2])
+                and all(-reach <= y <= height + reach for y in part[1::2]))
+
+    kept = [part for part in parts if near(part)]
+    return kept, len(parts) - len(kept)
 
 
 def _clean_bbox(ann: dict, image: dict, path: Path, report: ValidationReport) -> list[float] | None:
@@ -199,7 +258,7 @@ def _area(ann: dict, image: dict) -> float:
 
 
 def _renumber_if_needed(annotations: list[dict], path: Path, report: ValidationReport) -> None:
-    ids = Counter(a.get("id") for a in annotations)
+    ids = Counter(a.get("id") if _positive_int(a.get("id")) else None for a in annotations)  # None: renumbered
     for ann_id, count in ids.items():
         if ann_id is not None and count > 1:
             report.add("repaired", "duplicate_annotation_id", path, f"annotation id {ann_id} field 'id' is used "
@@ -210,7 +269,13 @@ def _renumber_if_needed(annotations: list[dict], path: Path, report: ValidationR
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _is_id(value) and value > 0
+
+
+def _is_id(value: Any) -> bool:
+    """A usable COCO id: a JSON integer (a bool is not one, though Python says it is) in [0, 2^31), the range of
+    the int32 id tensors sam3's collate builds (sam3/model/data_misc.py: `original_category_id__type`)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ID
 
 
 def check_image_files(images: dict[int, dict], image_dir: Path, path: Path, report: ValidationReport,
