@@ -189,3 +189,28 @@ def test_duplicate_category_names_fail_datamodule_setup_as_a_data_error(shapes_r
     module = CocoDataModule(root=str(root), resolution=112, num_workers=0, prompts={second: f"other {name}"})
     module.setup()
     assert module.category_names[second] == f"other {name}"
+
+
+def test_images_without_any_query_never_reach_sams_collate(shapes_root, monkeypatch):
+    from sam3_lora.data import dataset
+    from sam3_lora.data.datamodule import CocoDataModule
+
+    module = CocoDataModule(root=str(shapes_root), resolution=112, num_workers=0, batch_size=1)
+    module.setup()
+    empty_id = module.splits["train"].records[0].image_id
+    original = dataset.plan_train_queries
+
+    def nothing_for_the_first_image(positives, crowd, phrases, rng, num_negatives, max_queries):
+        if rng is not None and current[0] == empty_id:
+            return []  # as for an image whose every category is a crowd region
+        return original(positives, crowd, phrases, rng, num_negatives, max_queries)
+
+    current = [None]
+    train = module._datasets["train"]
+    real_item = train._item
+    monkeypatch.setattr(train, "_item", lambda i, e: (current.__setitem__(0, train.records[i].image_id),
+                                                      real_item(i, e))[1])
+    monkeypatch.setattr(dataset, "plan_train_queries", nothing_for_the_first_image)
+    batches = list(module.train_dataloader())  # sam3's collate raised ValueError (max() of no queries) here
+    assert len(batches) == len(train) and all(len(b.find_text_batch) >= 1 for b in batches)
+    assert empty_id not in {m.original_image_id[0].item() for b in batches for m in b.find_metadatas}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -20,7 +21,8 @@ from torch.utils.data import Dataset, Sampler
 from sam3_lora.data.coco import ImageRecord
 from sam3_lora.data.images import CorruptImageError, read_image_rgb
 from sam3_lora.data.masks import decode_mask
-from sam3_lora.data.queries import QuerySpec, build_datapoint, eval_chunks, plan_train_queries
+from sam3_lora.data.queries import (QuerySpec, build_datapoint, eval_chunks, plan_train_queries,
+                                    with_eval_exemplars, with_train_exemplars)
 from sam3_lora.data.transforms import TransformedSample, apply_transform
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ class DatasetSettings:
         with_masks: decode and transform instance masks.
         seed: base of every per-item seed.
         skipped: counter of corrupt images met while loading.
+        exemplar_prob: training: chance that a positive query also carries one instance's box (queries.py).
+        exemplar_text_prob: training: chance that such a query keeps its text (else box only, text "visual").
+        eval_exemplars: evaluation: also ask every positive (image, category) with "box" and "text+box".
     """
 
     phrases: list[QuerySpec]
@@ -63,6 +68,9 @@ class DatasetSettings:
     with_masks: bool
     seed: int
     skipped: SkipCounter
+    exemplar_prob: float = 0.0
+    exemplar_text_prob: float = 0.5
+    eval_exemplars: bool = False
 
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -116,12 +124,19 @@ class TrainDataset(Dataset):
         for attempt in range(MAX_CONSECUTIVE_CORRUPT):
             candidate = (index + attempt) % len(self.records)
             try:
-                return self._item(candidate, epoch)
+                item = self._item(candidate, epoch)
             except (CorruptImageError, FileNotFoundError) as err:
                 self.settings.skipped.increment()
                 log.warning("skipping image id %s: %s", self.records[candidate].image_id, err)
+                continue
+            if item is not None:
+                return item
+            # nothing to ask (every category is a crowd region here): sam3's collate cannot take a batch of
+            # such images (max() of no queries), and one alone teaches nothing, so the next image stands in
+            log.info("image id %s has no askable phrase (crowd regions only); using the next image",
+                     self.records[candidate].image_id)
         raise RuntimeError(f"{MAX_CONSECUTIVE_CORRUPT} consecutive training images from index {index} failed to "
-                           "load; run `sam3-lora check-data ROOT` to find them")
+                           "load or had nothing to ask; run `sam3-lora check-data ROOT` to find them")
 
     def _item(self, index: int, epoch: int):
         record, rng = self.records[index], item_rng(self.settings.seed, epoch, index)
@@ -130,6 +145,10 @@ class TrainDataset(Dataset):
         crowd = {i.category_id for i in record.instances if i.is_crowd}
         queries = plan_train_queries(positives, crowd, self.settings.phrases, rng, self.num_negatives,
                                      self.max_queries)
+        queries = with_train_exemplars(queries, _kept_counts(sample, categories), rng, self.settings.exemplar_prob,
+                                       self.settings.exemplar_text_prob)
+        if not queries:
+            return None
         return build_datapoint(sample, categories, has_mask, queries, record.image_id,
                                (record.height, record.width), index * len(self.settings.phrases))
 
@@ -164,12 +183,19 @@ class EvalDataset(Dataset):
         crowd = {i.category_id for i in record.instances if i.is_crowd}
         queries = [QuerySpec(q.text, q.category_id, q.slot, q.category_id not in crowd)
                    for q in self.chunks[chunk_index]]
+        if self.settings.eval_exemplars:
+            queries = with_eval_exemplars(queries, _kept_counts(sample, categories))
         return build_datapoint(sample, categories, has_mask, queries, record.image_id,
                                (record.height, record.width), record_index * len(self.settings.phrases))
 
     def _black_sample(self, record: ImageRecord) -> TransformedSample:
         black = np.zeros((record.height, record.width, 3), np.uint8)
         return apply_transform(self.settings.transform, black, [], None, seed=0)
+
+
+def _kept_counts(sample: TransformedSample, categories: Sequence[int]) -> Counter:
+    """Category id → number of its instances still in the transformed frame."""
+    return Counter(categories[k] for k in sample.kept)
 
 
 class EpochSampler(Sampler):
