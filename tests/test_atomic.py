@@ -179,7 +179,8 @@ def test_kill_between_the_two_renames_is_recovered(tmp_path):
     out = tmp_path / "adapter"
     first = _adapted(seed=1)
     _save_adapter(first, out)
-    _kill_writer(_adapted(seed=2), out, os, "replace", call=2)  # after the old adapter went aside, before the new one came in
+    # killed after the old adapter went aside, before the new one came in
+    _kill_writer(_adapted(seed=2), out, os, "replace", call=2)
     assert not out.exists() and previous_version_path(out).is_dir()  # the window the recovery rule covers
     recover_interrupted_write(out)
     _assert_same(_load_lora(out), _lora_of(first))

@@ -98,7 +98,8 @@ COMMON = ["validate_before_fit=false", "test=false", "+trainer.limit_val_batches
 def ddp_run(uncrowded_root, tmp_path_factory) -> Path:
     """2 processes x batch 2, EPOCHS epochs, launched like a user would (torchrun train.py)."""
     out = tmp_path_factory.mktemp("ddp")
-    overrides = [*SMALL_RUN, f"data.root={uncrowded_root}", *COMMON, "data.batch_size=2", f"trainer.max_epochs={EPOCHS}",
+    overrides = [*SMALL_RUN, f"data.root={uncrowded_root}", *COMMON, "data.batch_size=2",
+                 f"trainer.max_epochs={EPOCHS}",
                  "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={WORLD_SIZE}",
                  f"hydra.run.dir={out / 'run'}", f"+callbacks.record.out_dir={out / 'record'}"]
     port = 29600 + os.getpid() % 300

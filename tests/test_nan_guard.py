@@ -120,7 +120,8 @@ def test_non_finite_weights_never_reach_the_adapter(shapes_root, tmp_path):
     with pytest.raises(NonFiniteWeightsError, match="adapter"):
         # without checkpoints run() exports the weights as they are (with one, it reloads the finite best)
         _run(shapes_root, tmp_path, "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
-             "+trainer.enable_checkpointing=false", "+trainer.limit_train_batches=1", "+callbacks.poison._target_=tests.test_nan_guard.PoisonWeights",
+             "+trainer.enable_checkpointing=false", "+trainer.limit_train_batches=1",
+             "+callbacks.poison._target_=tests.test_nan_guard.PoisonWeights",
              "+callbacks.poison.when=fit_end")
     assert not (tmp_path / "adapter").exists()
 
