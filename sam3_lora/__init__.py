@@ -1,9 +1,13 @@
-"""sam3-lora: LoRA fine-tuning of Meta's SAM3 on COCO-format datasets."""
+"""sam3-lora: LoRA fine-tuning of Meta's SAM3 on COCO-format datasets.
 
-from sam3_lora import compat as _compat
+Importing the package is cheap (no torch, no sam3), so `sam3-lora --help` answers at once: the sam3 patches
+apply when `sam3_lora.compat` is imported, which every module that builds a SAM3 model or loss does.
+"""
+
+from importlib.metadata import version as _version
+
 from sam3_lora.config import register_resolvers as _register_resolvers
 
-_compat.apply()
 _register_resolvers()
 
-__version__ = "0.1.0"
+__version__ = _version("sam3-lora")  # one owner: pyproject.toml's [project] version

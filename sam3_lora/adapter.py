@@ -119,13 +119,20 @@ def load_adapter(model: PeftModel, adapter_dir: str | Path, model_config: dict) 
     return model
 
 
-def build_adapted_model(adapter_dir: str | Path) -> tuple[PeftModel, dict]:
+def build_adapted_model(adapter_dir: str | Path, base_checkpoint: str | None = None) -> tuple[PeftModel, dict]:
     """Rebuild the base SAM3 from the directory's model config, inject its LoRA config, load strictly.
+
+    Args:
+        adapter_dir: the adapter directory.
+        base_checkpoint: replaces the stored base `checkpoint` (a path, "hub", "builtin:tiny"), e.g. when the
+            base file was moved since training; None keeps the stored one.
 
     Returns:
         (the adapted model, the model config it was built with).
     """
     _, model_config = read_adapter_dir(adapter_dir)
+    if base_checkpoint is not None:
+        model_config = {**model_config, "checkpoint": base_checkpoint}
     model = inject_lora(build_sam3(**model_config), LoraConfig.from_pretrained(str(adapter_dir)))
     return load_adapter(model, adapter_dir, model_config), model_config
 
@@ -154,18 +161,20 @@ def export_merged(adapter_dir: str | Path, out_path: str | Path) -> Path:
     return export_stock_checkpoint(model, model_config, out_path)
 
 
-def load_model_for_inference(source: str | None, model_config: dict | None = None) -> tuple[nn.Module, dict]:
+def load_model_for_inference(source: str | None, model_config: dict | None = None,
+                             base_checkpoint: str | None = None) -> tuple[nn.Module, dict]:
     """Build an eval-mode SAM3 from an adapter directory, an exported checkpoint, or the base config.
 
     Args:
         source: adapter directory, exported/merged checkpoint file, or None for the base model.
         model_config: `build_sam3` kwargs for None or for a checkpoint without a stored model config.
+        base_checkpoint: for an adapter directory, the base to build on instead of the stored one.
 
     Returns:
         (model in eval mode, the model config it was built with).
     """
     if source is not None and Path(source).is_dir():
-        model, config = build_adapted_model(source)
+        model, config = build_adapted_model(source, base_checkpoint)
         return model.eval(), config
     config = dict(model_config or {})
     if source is not None:

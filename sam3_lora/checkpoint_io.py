@@ -38,14 +38,24 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     (no symlink), so PEFT and users load `adapter/` as before.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_write(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    file_in_the_way = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+    if file_in_the_way is not None:
+        raise NotADirectoryError(f"cannot write {final}: {file_in_the_way} is a file, not a folder")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted_write(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    except OSError as err:  # name the user's path, not the temporary one beside it
+        raise type(err)(err.errno, f"cannot write in {final.parent} ({err.strerror})", str(final)) from err
     try:
         yield tmp
         _fsync_tree(tmp)  # contents on disk before the rename makes them visible (power loss, not only kills)
         if tmp.is_dir() and final.is_dir():
             _swap_directory(tmp, final)
+        elif final.is_dir():  # os.replace would name the temporary path
+            raise IsADirectoryError(f"{final} is a folder, and this output is a file: give a file path")
+        elif tmp.is_dir() and final.exists():
+            raise NotADirectoryError(f"{final} is a file, and this output is a folder: give a folder path")
         else:
             os.replace(tmp, final)
         _fsync_tree(final.parent, recursive=False)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+import sam3_lora
+from sam3_lora.entry import expected_failure, failure_message, silence_known_warnings
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -27,6 +31,9 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     if args.image_only:
         raise ValueError("sam3-lora export: --image-only only applies with --base FULL.pt")
+    if Path(args.out).is_dir():  # found now, not after minutes of merging
+        raise IsADirectoryError(f"sam3-lora export: {args.out} is a folder; the stock checkpoint is a file: give a "
+                                f"path such as {Path(args.out) / 'sam3_lora.pt'}")
     from sam3_lora.adapter import export_merged
 
     out = export_merged(args.adapter_dir, args.out)
@@ -49,7 +56,7 @@ def _make_shapes(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from sam3_lora.predict import predict_main
+    from sam3_lora.predict_cli import predict_main
 
     return predict_main(args)
 
@@ -68,9 +75,12 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam3-lora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {sam3_lora.__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a failure (accepted anywhere on the command line)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from sam3_lora.predict import add_predict_arguments
+    from sam3_lora.predict_cli import add_predict_arguments
 
     predict = commands.add_parser("predict", help="images + text prompts -> predictions.json and PNG overlays")
     add_predict_arguments(predict).set_defaults(func=_predict)
@@ -128,7 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `sam3-lora`; return the exit code. Expected failures print one message (traceback with --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # argparse would take it only before the sub-command
+    argv = [arg for arg in argv if arg != "--debug"]
+    silence_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # lightning/__init__.py gives "lightning" its own console handler: stop there, or the root prints it again
+    logging.getLogger("lightning").propagate = False
+    try:
+        return _run(argv)
+    except Exception as err:
+        reported = None if debug else expected_failure(err)
+        if reported is None:
+            raise
+        print(f"error: {failure_message(reported)}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "paths", None), list) and not any(e.startswith("-") for e in extra):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from omegaconf import OmegaConf
 
 
 def default_precision() -> str:
     """bf16 autocast where the GPU supports it, else fp32 ("bf16-true" would drop RoPE's imaginary part)."""
+    import torch  # here, not at the top: `import sam3_lora` stays cheap for the CLI
+
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"

@@ -6,6 +6,8 @@ from sam3.train.loss.loss_fns import Boxes, IABCEMdetr, Masks
 from sam3.train.loss.sam3_loss import Sam3LossWrapper
 from sam3.train.matcher import BinaryHungarianMatcherV2, BinaryOneToManyMatcher
 
+from sam3_lora import compat  # noqa: F401  (its import switches sam3's focal loss to the torch path)
+
 
 # Mask2Former's point sampling (sam3's `Masks` implements it): 3x oversampling, 75 % of the points where the
 # prediction is most uncertain, the rest uniform.

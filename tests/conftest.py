@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import sam3_lora  # noqa: F401  (applies the CPU compat patches)
+from sam3_lora import compat  # noqa: F401  (its import applies the CPU compat patches)
 from sam3.train.data.collator import collate_fn_api
 from sam3.train.data.sam3_image_dataset import Datapoint, FindQueryLoaded, Image, InferenceMetadata, Object
 

@@ -19,7 +19,8 @@ from sam3_lora.data.shapes import write_shapes_dataset
 from sam3_lora.evaluation import final_predictions, predictions_to_coco
 from sam3_lora.losses import build_sam3_loss
 from sam3_lora.model import build_sam3
-from sam3_lora.predict import add_predict_arguments, find_images, parse_box, predict_images, predict_main
+from sam3_lora.predict import find_images, predict_images
+from sam3_lora.predict_cli import add_predict_arguments, parse_box, predict_main
 from test_evaluation_model import NUM_QUERIES, tiny_config
 
 TOPK = 5             # detections per (image, prompt) compared
