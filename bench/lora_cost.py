@@ -102,16 +102,17 @@ def worker_train(args) -> dict:
     from crowded_batch import crowded_batch
     from sam3_lora.losses import build_sam3_loss
     from sam3_lora.memory import SavedTensorLedger, sam3_group, tune_glibc_malloc
-    from sam3_lora.module import inner_sam3, parameter_groups
+    from sam3_lora.compat import clear_cached_devices
+    from sam3_lora.lora import base_sam3
+    from sam3_lora.module import parameter_groups
     from sam3_lora.train import build_model
 
     malloc = tune_glibc_malloc() if args.malloc == "tuned" else False
     cfg = compose_config(args.model, args.resolution, mode_overrides(args.mode), args.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    sam3 = inner_sam3(model)
-    sam3._device = None
+    model = clear_cached_devices(build_model(cfg).to(device))
+    sam3 = base_sam3(model)
     hp = cfg.module
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameter_groups(model, hp.lr, hp.head_lr or hp.lr, hp.weight_decay,

@@ -102,6 +102,20 @@ def postprocess_on_gpu() -> bool:
     return has_cuda()
 
 
+def clear_cached_devices(model: torch.nn.Module) -> torch.nn.Module:
+    """Forget the device sam3 modules cached, after `model` (or a wrapper around it) was moved.
+
+    sam3/model/sam3_image.py:108-115 (`Sam3Image.device`) and sam3/model/maskformer_segmentation.py:93-100 cache
+    `self._device` on first use and reset it only in their own `.to()`. Moving a wrapper (PeftModel,
+    LightningModule) or calling `.cuda()` never calls that, so the stale device would place inputs wrongly.
+    Only sam3's own modules are touched (Lightning's modules keep their `_device`).
+    """
+    for module in model.modules():
+        if type(module).__module__.startswith("sam3.") and hasattr(module, "_device"):
+            module._device = None
+    return model
+
+
 @contextlib.contextmanager
 def reuse_image_features(backbone, features: dict | None) -> Iterator[None]:
     """Make `backbone.forward_image` return precomputed image features for the duration of the block.
@@ -185,6 +199,3 @@ def apply() -> None:
     _patch_pin_memory()
     _patch_focal_loss()
     _APPLIED = True
-
-
-apply()  # on import: every module that builds a SAM3 model or loss imports this one (`import sam3_lora` stays light)

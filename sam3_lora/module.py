@@ -11,6 +11,7 @@ from torch import nn
 from sam3_lora.callbacks import require_finite
 from sam3_lora.evaluation import CocoEvaluator, load_ground_truth
 from sam3_lora.evaluation.box_only import has_box_only, segm_ground_truth
+from sam3_lora.lora import base_sam3, is_lora_parameter
 from sam3_lora.losses import build_sam3_loss
 from sam3_lora.memory import base_name, frozen_low_precision
 from sam3_lora.model import count_parameters
@@ -24,16 +25,15 @@ LOGGED_TERMS = ("core_loss", "loss_ce", "presence_loss", "loss_bbox", "loss_giou
 _NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding)
 
 
-def inner_sam3(model: nn.Module) -> nn.Module:
-    """The Sam3Image inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class Sam3LoraModule(L.LightningModule):
     """Train a (LoRA-adapted) SAM3 with sam3's matchers and losses; evaluate with COCO mAP.
 
     Args:
         model: a ready SAM3 (`apply_lora` output): only its trainable parameters are optimised and saved.
+        categories: category id → prompt text, in query order (`CocoDataModule.category_names`).
+        ground_truth_files: "valid" and "test" → the final ground-truth json that split is scored against
+            (`CocoDataModule.annotation_file`).
+        data_has_masks: whether batches carry instance masks (`CocoDataModule.with_masks`), for with_masks="auto".
         lr: learning rate of LoRA tensors.
         head_lr: learning rate of fully trained modules (`lora.modules_to_save`); default `lr`.
         weight_decay: AdamW decay; never applied to biases, norms and embeddings.
@@ -53,33 +53,34 @@ class Sam3LoraModule(L.LightningModule):
             `layer_decay_param_modifier` rule); None = no decay.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 2e-4, head_lr: float | None = None,
+    def __init__(self, model: nn.Module, categories: dict[int, str], ground_truth_files: dict[str, str],
+                 data_has_masks: bool, lr: float = 2e-4, head_lr: float | None = None,
                  weight_decay: float = 0.1, schedule: str = "cosine", warmup_steps: int = 20,
                  cooldown_steps: int = 0, min_lr_ratio: float = 0.0, timescale: int = 20,
                  with_masks: bool | str = "auto",
                  eval_topk: int = 100, log_images_every_n_epochs: int = 1, mask_loss_points: int | None = None,
                  component_lr: dict[str, float] | None = None, vision_layer_decay: float | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        # the data inputs describe this run's files, not settings: kept out of the checkpoint's hyper-parameters
+        self.save_hyperparameters(ignore=["model", "categories", "ground_truth_files", "data_has_masks"])
         self.model = model
+        self.category_names = dict(categories)
+        self.ground_truth_files = dict(ground_truth_files)
+        self.data_has_masks = data_has_masks
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.loss_fn: nn.Module | None = None
         self.evaluators: dict[str, list[CocoEvaluator]] = {}
-        self.category_names: dict[int, str] = {}
         self.last_loss_terms: dict[str, torch.Tensor] = {}  # of the latest training step (NaN guard reports them)
 
     # ----- setup ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        masks = self._masks_enabled(datamodule)
+        masks = self._masks_enabled()
         normalization = "global" if self.trainer.world_size > 1 else "local"
         self.loss_fn = build_sam3_loss(with_masks=masks, normalization=normalization,
                                        mask_points=self.hparams.mask_loss_points)
         _check_precision(self.model, self.trainer.precision)
-        self.category_names = dict(datamodule.category_names)
-        for split in ("valid", "test"):  # without a test split, "test" is the valid split (as the loaders)
-            ground_truth = load_ground_truth(datamodule.annotation_file(split))
-            self.evaluators[split] = self._evaluators(ground_truth, masks)
+        for split in ("valid", "test"):
+            self.evaluators[split] = self._evaluators(load_ground_truth(self.ground_truth_files[split]), masks)
         trainable, total = count_parameters(self.model)
         log.info("masks: %s, loss normalization: %s, trainable %d / %d parameters", masks, normalization,
                  trainable, total)
@@ -95,11 +96,11 @@ class Sam3LoraModule(L.LightningModule):
         return [CocoEvaluator(ground_truth, iou_types=("bbox",), **settings),
                 CocoEvaluator(segm_ground_truth(ground_truth), iou_types=("segm",), **settings)]
 
-    def _masks_enabled(self, datamodule) -> bool:
-        has_head = inner_sam3(self.model).segmentation_head is not None
+    def _masks_enabled(self) -> bool:
+        has_head = base_sam3(self.model).segmentation_head is not None
         setting = self.hparams.with_masks
         if setting == "auto":
-            return has_head and datamodule.with_masks
+            return has_head and self.data_has_masks
         if setting and not has_head:
             raise ValueError("module.with_masks=true but the model has no mask head (model.segmentation=false)")
         return bool(setting)
@@ -110,7 +111,7 @@ class Sam3LoraModule(L.LightningModule):
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
         outputs = self.model(batch)
-        sam3 = inner_sam3(self.model)
+        sam3 = base_sam3(self.model)
         targets = [sam3.back_convert(t) for t in batch.find_targets]
         return self.loss_fn(outputs, targets)
 
@@ -254,7 +255,7 @@ _VISION_TRUNK = "backbone.vision_backbone.trunk."
 
 
 def _kind_and_lr(name: str, lr: float, head_lr: float, component_lr: dict, layer_scale) -> tuple[str, float]:
-    if "lora_" in name:
+    if is_lora_parameter(name):
         return "lora", lr
     plain = base_name(name)
     component = next((c for c, prefix in _LR_COMPONENTS.items() if plain.startswith(prefix)), None)
@@ -270,7 +271,7 @@ def _vision_layer_scale(model: nn.Module, decay: float | None):
     """name-in-trunk -> (layer id, lr scale) by sam3's ViT `get_layer_id` and `layer_decay_param_modifier` rule."""
     if decay is None:
         return None
-    trunk = inner_sam3(model).backbone.vision_backbone.trunk
+    trunk = base_sam3(model).backbone.vision_backbone.trunk
     num_layers = trunk.get_num_layers() + 1
 
     def scale(name_in_trunk: str) -> tuple[int, float]:

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sam3_lora.train import build_model
+from sam3_lora.train import build_model, build_module
 from tests.conftest import REPO
 from tests.train_helpers import compose_config
 
@@ -70,9 +70,14 @@ def test_model_options_compose(option, shapes_root, tmp_path):
 
 
 def test_module_option_instantiates(shapes_root, tmp_path):
-    cfg = compose_config(shapes_root, tmp_path)
-    module = instantiate(cfg.module, model=build_model(cfg))
+    cfg = compose_config(shapes_root, tmp_path, ["data.num_workers=0"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
     assert module.hparams.lr == cfg.module.lr and "model" not in module.hparams
+    assert module.category_names == datamodule.category_names  # given explicitly, not read from a trainer
+    assert module.ground_truth_files["valid"] == str(datamodule.annotation_file("valid"))
+    assert "ground_truth_files" not in module.hparams  # run-specific paths stay out of checkpoints
 
 
 @pytest.mark.parametrize("option", _options("debug"))

@@ -9,9 +9,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from sam3_lora.compat import clear_cached_devices
+from sam3_lora.lora import base_sam3
 from sam3_lora.losses import build_sam3_loss
 from sam3_lora.model import build_sam3
-from sam3_lora.module import inner_sam3
 from tests.conftest import REPO, make_batch, tiny_model_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -33,9 +34,7 @@ def _full_size(overrides: list[str]):
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("train", overrides=["model=sam3", "model.checkpoint=null", *overrides])
     torch.manual_seed(0)
-    model = build_model(cfg).cuda()
-    inner_sam3(model)._device = None
-    return model, cfg
+    return clear_cached_devices(build_model(cfg).cuda()), cfg
 
 
 def _step(model, mask_points=None) -> torch.Tensor:
@@ -43,7 +42,7 @@ def _step(model, mask_points=None) -> torch.Tensor:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(batch)
         loss = build_sam3_loss(with_masks=True, mask_points=mask_points)(
-            out, [inner_sam3(model).back_convert(t) for t in batch.find_targets])["core_loss"]
+            out, [base_sam3(model).back_convert(t) for t in batch.find_targets])["core_loss"]
     loss.backward()
     return loss
 
@@ -109,8 +108,7 @@ def test_stock_builder_runs_unpatched_on_cuda():
 
 def test_lazy_caches_follow_the_device_of_first_forward():
     """compat keeps sam3's construction caches lazy: after .cuda() they are filled on the model's GPU."""
-    model = build_sam3(**tiny_model_config()).cuda().eval()
-    inner_sam3(model)._device = None
+    model = clear_cached_devices(build_sam3(**tiny_model_config()).cuda().eval())
     with torch.no_grad():
         model(_to_cuda(make_batch()))
     cache = model.backbone.vision_backbone.position_encoding.cache

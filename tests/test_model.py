@@ -128,6 +128,21 @@ def test_unreachable_hub_gives_clear_error(monkeypatch):
         resolve_checkpoint("hub")
 
 
+def test_compat_clears_sam3_device_caches_but_not_lightnings(tiny_config):
+    """sam3 caches `_device`; moving a wrapper never resets it (sam3/model/sam3_image.py:108-115)."""
+    import lightning as L
+
+    model = build_sam3(**{**tiny_config, "segmentation": True})
+    stale = torch.device("meta")  # what a cache from a previous device looks like
+    model._device = model.segmentation_head._device = stale
+    wrapper = L.LightningModule()
+    wrapper.model = model
+    lightning_device = wrapper._device
+    assert compat.clear_cached_devices(wrapper) is wrapper
+    assert model.device == model.segmentation_head.device == torch.device("cpu")
+    assert wrapper._device == lightning_device  # Lightning's own attribute of that name is left alone
+
+
 def test_compat_pin_memory_and_focal_loss_paths():
     from sam3.train.loss import loss_fns
 

@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from sam3_lora import memory
 from sam3_lora.losses import build_sam3_loss
 from sam3_lora.model import build_sam3, freeze
-from sam3_lora.module import inner_sam3, parameter_groups
+from sam3_lora.lora import base_sam3
+from sam3_lora.module import parameter_groups
 from tests.conftest import REPO, make_batch, tiny_model_config
 
 HEADS = ["dot_prod_scoring", "transformer.decoder.bbox_embed"]
@@ -27,7 +28,7 @@ BF16_LOGIT_TOLERANCE = 0.025
 def _losses(model, batch, loss_fn, autocast: bool = False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(batch)
-        return loss_fn(out, [inner_sam3(model).back_convert(t) for t in batch.find_targets])
+        return loss_fn(out, [base_sam3(model).back_convert(t) for t in batch.find_targets])
 
 
 # ----- component learning rates (lora=full) ---------------------------------------------------------------------
