@@ -199,3 +199,6 @@ def apply() -> None:
     _patch_pin_memory()
     _patch_focal_loss()
     _APPLIED = True
+
+
+apply()  # on import: every module that builds a SAM3 model or loss imports this one (`import sam3_lora` stays light)

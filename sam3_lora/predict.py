@@ -7,7 +7,6 @@ image (sam3's `collate_fn_api` batching), post-processed exactly as evaluation d
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -51,21 +50,6 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {[str(i) for i in inputs]}")
     return paths
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """Parse an exemplar box "x,y,w,h" (pixels of the original image, COCO xywh).
-
-    Raises:
-        ValueError: not four numbers, or a non-positive width/height.
-    """
-    try:
-        x, y, w, h = (float(v) for v in text.split(","))
-    except ValueError as err:
-        raise ValueError(f"--box {text!r}: expected four comma-separated numbers x,y,w,h in pixels") from err
-    if w <= 0 or h <= 0:
-        raise ValueError(f"--box {text!r}: width and height must be positive")
-    return x, y, w, h
 
 
 def exemplar_boxes(boxes: Sequence[Sequence[float]], height: int, width: int) -> torch.Tensor:
@@ -195,70 +179,3 @@ def _device(model: nn.Module) -> torch.device:
 def move_model(model: nn.Module, device: str | torch.device) -> nn.Module:
     """Move a (possibly PEFT-wrapped) SAM3 and reset the device `Sam3Image` caches (DESIGN §4)."""
     return compat.clear_cached_devices(model.to(device))
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Register `sam3-lora predict`'s arguments on a (sub)parser."""
-    parser.add_argument("paths", nargs="+", metavar="SOURCE IMAGES",
-                        help="an adapter directory or exported .pt (omit with --base), then image files or folders")
-    parser.add_argument("--base", action="store_true",
-                        help="predict with the base model (no adapter): --checkpoint and --model-config define it")
-    parser.add_argument("--prompt", action="append", default=[],
-                        help="noun phrase to find (repeatable); with --adapter: NAME:phrase")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                        help="several adapters on one base (repeatable): the first path is then the BASE "
-                             "(path | hub | builtin:tiny) and each --prompt names its adapter")
-    parser.add_argument("--box", action="append", default=[], type=_box_argument, metavar="X,Y,W,H",
-                        help="positive exemplar box in image pixels (repeatable), through SAM3's geometry encoder")
-    parser.add_argument("--out", required=True, help="output folder for predictions.json and PNG overlays")
-    parser.add_argument("--threshold", type=float, default=0.5, help="minimum score kept and drawn")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="--base only: SAM3 weights: a path, 'hub' (facebook/sam3, the default) or 'none' "
-                             "(random init)")
-    parser.add_argument("--model-config", default=None,
-                        help="JSON file of build_sam3 kwargs for --base or a .pt without a stored config")
-    return parser
-
-
-def _box_argument(text: str) -> tuple[float, float, float, float]:
-    try:
-        return parse_box(text)
-    except ValueError as err:  # argparse shows an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def predict_main(args: argparse.Namespace) -> int:
-    """Run `sam3-lora predict` from parsed arguments; returns the process exit code (0 on success).
-
-    Raises:
-        ValueError: no image path after the source, or neither --prompt nor --box.
-    """
-    from sam3_lora.adapter import load_model_for_inference
-
-    if args.adapter:
-        from sam3_lora.predictor import multi_adapter_main
-
-        return multi_adapter_main(args)
-    source, inputs = (None, args.paths) if args.base else (args.paths[0], args.paths[1:])
-    if not inputs:
-        raise ValueError("sam3-lora predict: give image files or folders after the adapter directory / .pt "
-                         "(or use --base to predict with the base model)")
-    if not args.prompt and not args.box:
-        raise ValueError("sam3-lora predict: give at least one --prompt \"phrase\" or --box x,y,w,h")
-    image_paths = find_images(inputs)
-    model, config = load_model_for_inference(source, _model_config(args))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = move_model(model, device).eval()
-    predict_images(model, image_paths, args.prompt, config.get("resolution", 1008), args.out,
-                   threshold=args.threshold, boxes=args.box or None, batch_size=args.batch_size)
-    return 0
-
-
-def _model_config(args: argparse.Namespace) -> dict:
-    config = json.loads(Path(args.model_config).read_text()) if args.model_config else {}
-    if args.base:
-        checkpoint = args.checkpoint or config.get("checkpoint", "hub")
-        config["checkpoint"] = None if str(checkpoint).lower() == "none" else checkpoint
-    return config

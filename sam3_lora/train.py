@@ -66,14 +66,49 @@ def run(cfg: DictConfig) -> float | None:
     trainer = build_trainer(cfg, output_dir)
     metrics: dict[str, dict] = {}
     resuming = cfg.train and cfg.ckpt_path
+    retention = _Retention(cfg, trainer, datamodule)
     if (cfg.validate_before_fit and not resuming) or not cfg.train:
         metrics["zero_shot"] = _test(trainer, module, datamodule, ckpt_path=None if cfg.train else cfg.ckpt_path)
+        retention.measure("zero_shot", module.model)
     if cfg.train:
         metrics.update(_fit_test_export(cfg, trainer, module, datamodule, output_dir))
+        retention.measure("fine_tuned", module.model)  # the best weights: test or export loaded them
     if not cfg.train and cfg.ckpt_path:
         metrics = {"fine_tuned": metrics.pop("zero_shot")}
+        retention.results = {"fine_tuned": retention.results.pop("zero_shot", {})}
+    if retention.results:
+        metrics["retention"] = retention.results
     _write_metrics(metrics, output_dir)
     return _optimized_value(metrics, cfg.get("optimized_metric"), trained=bool(cfg.train))
+
+
+class _Retention:
+    """What the model keeps (evaluation/retention.py), measured on rank zero before and after fine-tuning.
+
+    `retention.negatives` turns the negative-prompt rates on, `retention.fp_threshold` sets their threshold and
+    `retention.data` (overrides of `data`; root null = off) names the source-domain dataset.
+    """
+
+    def __init__(self, cfg: DictConfig, trainer: L.Trainer, datamodule):
+        settings = cfg.get("retention")
+        self.enabled = settings is not None and trainer.is_global_zero
+        self.results: dict[str, dict] = {}
+        if not self.enabled:
+            return
+        from sam3_lora.evaluation.retention import build_source_datamodule
+
+        self.negatives, self.fp_threshold = bool(settings.negatives), float(settings.fp_threshold)
+        self.datamodule = datamodule
+        self.source = build_source_datamodule(cfg.data, settings.get("data"))
+
+    def measure(self, stage: str, model) -> None:
+        """Store `stage`'s retention numbers ("zero_shot" or "fine_tuned") of `model`."""
+        if not self.enabled or not (self.negatives or self.source is not None):
+            return
+        from sam3_lora.evaluation.retention import measure_retention
+
+        self.results[stage] = measure_retention(model, self.datamodule if self.negatives else None, self.source,
+                                                self.fp_threshold)
 
 
 def _fit_test_export(cfg: DictConfig, trainer: L.Trainer, module, datamodule, output_dir: Path) -> dict:
@@ -159,6 +194,12 @@ def _write_metrics(metrics: dict, output_dir: Path) -> None:
         per_class_chart(zero_shot, fine_tuned, output_dir / "per_class_ap.png")
     summary = format_comparison(zero_shot, fine_tuned)
     log.info("test metrics (zero-shot vs fine-tuned):\n%s", summary)
+    if metrics.get("retention"):
+        from sam3_lora.evaluation.retention import format_retention
+
+        retention = metrics["retention"]
+        log.info("retention (what the base model keeps):\n%s",
+                 format_retention(retention.get("zero_shot", {}), retention.get("fine_tuned", {})))
 
 
 def _optimized_value(metrics: dict, name: str | None, trained: bool) -> float | None:
