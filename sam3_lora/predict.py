@@ -21,7 +21,7 @@ from sam3.train.data.sam3_image_dataset import Datapoint, FindQueryLoaded, Image
 from torch import nn
 
 from sam3_lora import compat
-from sam3_lora.data.images import read_image_rgb
+from sam3_lora.data.images import CorruptImageError, read_image_rgb
 from sam3_lora.data.transforms import eval_image_tensor
 from sam3_lora.evaluation.postprocess import final_predictions, predictions_to_coco
 from sam3_lora.visualize import draw_detections
@@ -135,30 +135,50 @@ def predict_images(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     overlay_names = _overlay_names(image_paths)
-    kept = []
+    kept, unreadable = [], []  # unreadable: paths skipped with a warning, the rest still predicted
     starts = range(0, len(image_paths), batch_size)
     for start in track(starts, description="predict", disable=not progress):
         chunk = list(enumerate(image_paths[start:start + batch_size], start=start))
-        kept += _predict_chunk(model, chunk, prompts, resolution, out_dir, overlay_names, threshold, boxes, topk)
+        kept += _predict_chunk(model, chunk, prompts, resolution, out_dir, overlay_names, threshold, boxes, topk,
+                               unreadable)
     (out_dir / PREDICTIONS_FILE).write_text(json.dumps(kept))
+    if unreadable:
+        log.warning("%d unreadable image(s) skipped (no predictions, no overlay): %s", len(unreadable), unreadable[:5])
     log.info("%d images, %d detections with score >= %s → %s", len(image_paths), len(kept), threshold, out_dir)
     return kept
 
 
-def _predict_chunk(model, chunk, prompts, resolution, out_dir, overlay_names, threshold, boxes, topk) -> list[dict]:
-    images = {index: read_image_rgb(Path(path)) for index, path in chunk}
+def _predict_chunk(model, chunk, prompts, resolution, out_dir, overlay_names, threshold, boxes, topk,
+                   unreadable: list[str]) -> list[dict]:
+    images = _read_images(chunk, unreadable)
+    chunk = [(index, path) for index, path in chunk if index in images]
+    if not chunk:
+        return []
+    paths = dict(chunk)
     datapoints = [build_datapoint(eval_image_tensor(images[i], resolution), i, images[i].shape[:2], prompts, boxes)
                   for i, _ in chunk]
     by_image: dict[int, list[dict]] = {index: [] for index, _ in chunk}
     for result in predict_datapoints(model, datapoints, topk):
         if result["score"] >= threshold:
-            result["file_name"] = str(chunk[result["image_id"] - chunk[0][0]][1])
+            result["file_name"] = str(paths[result["image_id"]])
             result["category_name"] = prompts[result["category_id"] - 1]
             by_image[result["image_id"]].append(result)
     for index, _ in chunk:
         overlay = draw_detections(images[index], by_image[index])
         PILImage.fromarray(overlay).save(out_dir / overlay_names[index])
     return [result for index, _ in chunk for result in by_image[index]]
+
+
+def _read_images(chunk, unreadable: list[str]) -> dict:
+    """Decode a chunk's images; an unreadable one is logged and added to `unreadable` instead of aborting the run."""
+    images = {}
+    for index, path in chunk:
+        try:
+            images[index] = read_image_rgb(Path(path))
+        except (CorruptImageError, FileNotFoundError) as err:
+            log.warning("skipping unreadable image %s: %s", path, err)
+            unreadable.append(str(path))
+    return images
 
 
 def _overlay_names(image_paths: Sequence[str | Path]) -> list[str]:

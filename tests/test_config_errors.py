@@ -214,3 +214,23 @@ def test_images_without_any_query_never_reach_sams_collate(shapes_root, monkeypa
     batches = list(module.train_dataloader())  # sam3's collate raised ValueError (max() of no queries) here
     assert len(batches) == len(train) and all(len(b.find_text_batch) >= 1 for b in batches)
     assert empty_id not in {m.original_image_id[0].item() for b in batches for m in b.find_metadatas}
+
+
+def test_predict_skips_a_corrupt_image_with_a_counted_warning_and_writes_the_rest(shapes_root, tmp_path, caplog):
+    import json
+
+    from sam3_lora.model import build_sam3
+    from sam3_lora.predict import PREDICTIONS_FILE, predict_images
+    from tests.conftest import tiny_model_config
+
+    good = sorted((shapes_root / "test").glob("*.jpg"))[:2]
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff not a jpeg")
+    model = build_sam3(**tiny_model_config()).eval()
+    with caplog.at_level(logging.WARNING, logger="sam3_lora.predict"):
+        kept = predict_images(model, [good[0], corrupt, good[1]], ["red circle"], tiny_model_config()["resolution"],
+                              tmp_path / "out", threshold=0.0, topk=3, progress=False)
+    assert "1 unreadable image(s) skipped" in caplog.text and str(corrupt) in caplog.text
+    written = json.loads((tmp_path / "out" / PREDICTIONS_FILE).read_text())
+    assert written == kept and {r["file_name"] for r in written} == {str(good[0]), str(good[1])}
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
