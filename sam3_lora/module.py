@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import lightning as L
@@ -11,6 +12,7 @@ from torch import nn
 from sam3_lora.callbacks import require_finite
 from sam3_lora.evaluation import CocoEvaluator, load_ground_truth
 from sam3_lora.evaluation.box_only import has_box_only, segm_ground_truth
+from sam3_lora.evaluation.prompt_types import PromptTypeEvaluator
 from sam3_lora.lora import base_sam3, is_lora_parameter
 from sam3_lora.losses import build_sam3_loss
 from sam3_lora.memory import base_name, frozen_low_precision
@@ -86,7 +88,11 @@ class Sam3LoraModule(L.LightningModule):
                  trainable, total)
         self._parameter_counts = {"params/trainable": float(trainable), "params/total": float(total)}
 
-    def _evaluators(self, ground_truth, masks: bool) -> list[CocoEvaluator]:
+    def _evaluators(self, ground_truth, masks: bool) -> list[PromptTypeEvaluator]:
+        """Text queries score the run's keys; box-exemplar queries get `@box`-style keys (prompt_types.py)."""
+        return [PromptTypeEvaluator(functools.partial(self._coco_evaluators, ground_truth, masks))]
+
+    def _coco_evaluators(self, ground_truth, masks: bool) -> list[CocoEvaluator]:
         """bbox and segm evaluation; segm treats box-only objects as ignore regions (see box_only.py)."""
         settings = {"category_names": self.category_names, "topk": self.hparams.eval_topk}
         if not masks:

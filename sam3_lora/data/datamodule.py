@@ -71,6 +71,11 @@ class CocoDataModule(LightningDataModule):
         decode_images_on_setup: fully decode every image during setup (slow; default: headers only).
         cache_dir: where the repaired ground-truth jsons are written (default: a new temporary folder).
         pin_memory / persistent_workers: DataLoader options.
+        exemplar_prob: training chance that a positive query also carries the box of one of its instances
+            (sam3's box-exemplar prompt through the geometry encoder); 0 = text prompts only.
+        exemplar_text_prob: chance that an exemplar query keeps its text ("text+box"); else box only.
+        eval_exemplars: evaluation also asks every positive with "box" and "text+box" prompts (AP per prompt
+            type, keys `...@box`); None = whenever `exemplar_prob` > 0.
     """
 
     def __init__(self, root: str = "data", resolution: int = 1008, batch_size: int = 1,
@@ -85,8 +90,14 @@ class CocoDataModule(LightningDataModule):
                  valid_ann: str | None = None, valid_images: str | None = None,
                  test_ann: str | None = None, test_images: str | None = None,
                  decode_images_on_setup: bool = False, cache_dir: str | None = None,
-                 pin_memory: bool = False, persistent_workers: bool = True):
+                 pin_memory: bool = False, persistent_workers: bool = True, exemplar_prob: float = 0.0,
+                 exemplar_text_prob: float = 0.5, eval_exemplars: bool | None = None):
         super().__init__()
+        for key, value in (("exemplar_prob", exemplar_prob), ("exemplar_text_prob", exemplar_text_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{key}={value}: a probability must be in [0, 1]")
+        self.exemplar_prob, self.exemplar_text_prob = float(exemplar_prob), float(exemplar_text_prob)
+        self.eval_exemplars = exemplar_prob > 0 if eval_exemplars is None else bool(eval_exemplars)
         self.root = Path(root)
         self.resolution = resolution
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -169,9 +180,10 @@ class CocoDataModule(LightningDataModule):
         with_masks = self.with_masks
         train = DatasetSettings(phrases, build_train_transform(self.resolution, self.scale_range, self.hflip,
                                                                self.color_jitter),
-                                with_masks, self.seed, self._skipped_train)
+                                with_masks, self.seed, self._skipped_train, exemplar_prob=self.exemplar_prob,
+                                exemplar_text_prob=self.exemplar_text_prob)
         evaluation = DatasetSettings(phrases, build_eval_transform(self.resolution), with_masks, self.seed,
-                                     self._skipped_eval)
+                                     self._skipped_eval, eval_exemplars=self.eval_exemplars)
         self._datasets["train"] = TrainDataset(self.splits["train"].records, train, self.num_negatives,
                                                self.max_queries_per_image)
         for name in EVAL_SPLITS:

@@ -9,7 +9,7 @@ separate instances it is a positive marked non-exhaustive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,6 +20,10 @@ from sam3_lora.data.transforms import TransformedSample
 
 # original_category_id of an extra negative phrase (not a dataset category).
 EXTRA_PHRASE_CATEGORY_ID = -1
+# How a query asks: the phrase, a box exemplar of one instance (sam3's geometry encoder), or both.
+PROMPT_TYPES = ("text", "box", "text+box")
+# The text sam3 pairs with a box-only prompt (sam3_image_processor.py:138, filter_query_transforms.py:565).
+VISUAL_PROMPT = "visual"
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,42 @@ class QuerySpec:
         category_id: the COCO category it stands for, or EXTRA_PHRASE_CATEGORY_ID.
         slot: position of the phrase in the dataset's phrase list (makes `coco_image_id` unique per query).
         exhaustive: every instance is annotated separately (False when the image also has a crowd region of it).
+        prompt: one of PROMPT_TYPES; "box" and "text+box" carry the box of one instance of the category.
+        exemplar: which of the category's kept instances (in object order) is the box exemplar.
     """
 
     text: str
     category_id: int
     slot: int
     exhaustive: bool = True
+    prompt: str = "text"
+    exemplar: int = 0
+
+
+def with_train_exemplars(queries: Sequence[QuerySpec], instance_counts: Mapping[int, int], rng: np.random.Generator,
+                         probability: float, text_probability: float) -> list[QuerySpec]:
+    """Turn positive queries into box-exemplar queries, each with `probability` (drawn only when it is > 0).
+
+    The exemplar is a random kept instance of the category; the query keeps its text with `text_probability`
+    ("text+box"), else asks with the box alone ("box"). The exemplar instance stays a target.
+    """
+    if probability <= 0:
+        return list(queries)
+    out = []
+    for q in queries:
+        count = instance_counts.get(q.category_id, 0)
+        if count and rng.random() < probability:
+            prompt = "text+box" if rng.random() < text_probability else "box"
+            q = replace(q, prompt=prompt, exemplar=int(rng.integers(count)))
+        out.append(q)
+    return out
+
+
+def with_eval_exemplars(queries: Sequence[QuerySpec], instance_counts: Mapping[int, int]) -> list[QuerySpec]:
+    """The text queries plus, for every positive one, a "box" and a "text+box" query on its first instance."""
+    extra = [replace(q, prompt=prompt, exemplar=0) for prompt in PROMPT_TYPES[1:] for q in queries
+             if instance_counts.get(q.category_id, 0)]
+    return [*queries, *extra]
 
 
 def resolve_prompts(categories: Mapping[int, str], prompts: Mapping | None) -> dict[int, str]:
@@ -131,11 +165,13 @@ def build_datapoint(sample: TransformedSample, object_categories: Sequence[int],
     """
     objects = [_object(sample, position, object_has_mask[k]) for position, k in enumerate(sample.kept)]
     kept_categories = [object_categories[k] for k in sample.kept]
+    targets = {q.category_id: [i for i, c in enumerate(kept_categories) if c == q.category_id] for q in queries}
     find_queries = [
         FindQueryLoaded(
-            query_text=q.text, image_id=0,
-            object_ids_output=[i for i, c in enumerate(kept_categories) if c == q.category_id],
+            query_text=VISUAL_PROMPT if q.prompt == "box" else q.text, image_id=0,
+            object_ids_output=targets[q.category_id],
             is_exhaustive=q.exhaustive, query_processing_order=0,
+            **_exemplar_box(sample, q, targets[q.category_id]),
             inference_metadata=InferenceMetadata(
                 coco_image_id=coco_image_id_base + q.slot, original_image_id=image_id,
                 original_category_id=q.category_id, original_size=original_size, object_id=0, frame_index=0),
@@ -144,6 +180,20 @@ def build_datapoint(sample: TransformedSample, object_categories: Sequence[int],
     ]
     side = sample.image.shape[-1]
     return Datapoint(find_queries=find_queries, images=[Image(data=sample.image, objects=objects, size=(side, side))])
+
+
+def _exemplar_box(sample: TransformedSample, query: QuerySpec, target_positions: Sequence[int]) -> dict:
+    """`input_bbox` (1, 4) = the exemplar's transformed box, normalised cxcywh like every target box (what the
+    geometry encoder reads, as `predict --box` feeds it); {} for a text query."""
+    if query.prompt == "text":
+        return {}
+    if query.prompt not in PROMPT_TYPES:
+        raise ValueError(f"query prompt type {query.prompt!r}: choose one of {PROMPT_TYPES}")
+    if query.exemplar >= len(target_positions):
+        raise ValueError(f"box exemplar {query.exemplar} of category {query.category_id} but only "
+                         f"{len(target_positions)} of its instances are in the image")
+    box = sample.boxes[target_positions[query.exemplar]].view(1, 4).clone()
+    return {"input_bbox": box, "input_bbox_label": torch.ones(1, dtype=torch.long)}  # label 1 = positive
 
 
 def _object(sample: TransformedSample, position: int, has_mask: bool) -> Object:
