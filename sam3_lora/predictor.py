@@ -15,7 +15,8 @@ from typing import Mapping, Sequence
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.utils import ModulesToSaveWrapper
+from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
+from safetensors.torch import load_file
 from sam3.model.utils.misc import copy_data_to_device
 from sam3.train.data.collator import collate_fn_api
 
@@ -26,7 +27,7 @@ from sam3_lora.data.transforms import eval_image_tensor
 from sam3_lora.evaluation.postprocess import final_predictions, predictions_to_coco
 from sam3_lora.lora import inject_lora
 from sam3_lora.model import build_sam3
-from sam3_lora.predict import build_datapoint, move_model
+from sam3_lora.predict import move_model, prompt_datapoint
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,24 @@ class Sam3Predictor:
                              "need the same model config; run them with separate predictors")
 
     def _load_weights(self, name: str, adapter_dir) -> None:
-        result = self.model.load_adapter(str(adapter_dir), adapter_name=name)
-        problems = [k for k in result.missing_keys if f".{name}" in k] + list(result.unexpected_keys)
+        """A strict check (the file's tensors are exactly the adapter's), then PEFT's `load_adapter`.
+
+        (`load_adapter` reports missing LoRA tensors only and raises a bare KeyError on missing
+        modules_to_save ones.) On failure the half-added adapter is deleted, so the predictor stays usable.
+        """
+        stored = set(load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+        expected = set(get_peft_model_state_dict(self.model, adapter_name=name))
+        problems = [f"missing {k}" for k in sorted(expected - stored)] + [f"unexpected {k}"
+                                                                         for k in sorted(stored - expected)]
+        if not problems:
+            problems = list(self.model.load_adapter(str(adapter_dir), adapter_name=name).unexpected_keys)
         if problems:
-            raise ValueError(f"adapter {adapter_dir} does not fit the base {self.base}: "
-                             f"{len(problems)} tensors missing/unexpected, e.g. {problems[:5]}")
+            if self.adapters:
+                self.model.delete_adapter(name)
+            else:
+                self.model, self.model_config = None, None
+            raise ValueError(f"adapter {adapter_dir} does not fit the base {self.base}: {len(problems)} tensors "
+                             f"differ, e.g. {problems[:5]}")
 
     @torch.inference_mode()
     def predict(self, image_paths: Sequence[str | Path], prompts: Mapping[str, Sequence[str]], topk: int = 100,
@@ -141,7 +155,7 @@ class Sam3Predictor:
         features = self._shared_features(shared[0], torch.stack([tensors[i] for i, _ in chunk])) if shared else None
         results = []
         for name in names:
-            datapoints = [build_datapoint(tensors[i], i, images[i].shape[:2], prompts[name]) for i, _ in chunk]
+            datapoints = [prompt_datapoint(tensors[i], i, images[i].shape[:2], prompts[name]) for i, _ in chunk]
             reused = features if name in shared else None
             for result in self._run_adapter(name, datapoints, reused, topk):
                 phrase = prompts[name][result["category_id"] - 1]

@@ -22,6 +22,7 @@ from torch import nn
 from sam3_lora import compat
 from sam3_lora.adapter import read_adapter_dir
 from sam3_lora.checkpoint_io import read_model_config, read_state_dict, resolve_checkpoint
+from sam3_lora.predict import move_model
 from sam3_lora.video_model import (TRACKER_PREFIX, build_sam3_video, merged_detector_state, split_full_state)
 from sam3_lora.visualize import draw_detections
 
@@ -54,11 +55,22 @@ def load_video_model(source: str | Path, base: str | None = None, **video_kwargs
         merged, model_config = merged_detector_state(source, image_state, str(base))
         full = {**{"detector." + k: v for k, v in merged.items()}, **others}
     else:
-        model_config = read_model_config(resolve_checkpoint(str(source))) or {}
+        path = resolve_checkpoint(str(source))
+        model_config = read_model_config(path)
+        if model_config is None and compat.has_cuda() and not video_kwargs:
+            return _sam3_video_model(path), {}
         full = _full_state(str(source), str(source))
-    model = build_sam3_video({**model_config, "checkpoint": None}, **video_kwargs)
+    model = build_sam3_video({**(model_config or {}), "checkpoint": None}, **video_kwargs)
     model.load_state_dict(full, strict=True)
     return model.eval(), model_config
+
+
+def _sam3_video_model(path: str) -> nn.Module:
+    """A checkpoint without our model config has the official dims: sam3's own builder (CUDA only, it
+    precomputes on "cuda" at construction) loads it with strict=True."""
+    from sam3.model_builder import build_sam3_video_model
+
+    return build_sam3_video_model(checkpoint_path=path, load_from_HF=False, bpe_path=compat.bpe_vocab_path()).eval()
 
 
 def _full_state(checkpoint: str | None, what: str) -> dict:
@@ -167,7 +179,7 @@ def predict_video_main(args) -> int:
         raise ValueError("sam3-lora predict-video: give at least one --prompt \"phrase\"")
     model, _ = load_video_model(args.source, base=args.base)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
+    model = move_model(model, device)
     frames = track_prompts(model, args.video, args.prompt)
     write_tracks(frames, args.out, read_frames(args.video))
     tracks = {o["track_id"] for objects in frames for o in objects}

@@ -16,7 +16,7 @@ from sam3_lora import adapter
 from sam3_lora.checkpoint_io import save_stock_checkpoint
 from sam3_lora.cli import main
 from sam3_lora.model import build_sam3
-from sam3_lora.predict import build_datapoint, predict_datapoints
+from sam3_lora.predict import predict_datapoints, prompt_datapoint
 from sam3_lora.data.images import read_image_rgb
 from sam3_lora.data.transforms import eval_image_tensor
 from sam3_lora.predictor import Sam3Predictor
@@ -70,7 +70,7 @@ def _single_adapter_results(adapter_dir, images, prompts, resolution):
     datapoints = []
     for index, path in enumerate(images):
         image = read_image_rgb(path)
-        datapoints.append(build_datapoint(eval_image_tensor(image, resolution), index, image.shape[:2], prompts))
+        datapoints.append(prompt_datapoint(eval_image_tensor(image, resolution), index, image.shape[:2], prompts))
     return predict_datapoints(model.eval(), datapoints)
 
 
@@ -144,7 +144,7 @@ def test_adapters_with_other_dimensions_are_a_clear_error(base_file, adapter_dir
         predictor.predict([], {"rust": ["x"]})
 
 
-def test_cli_predict_with_named_adapters(base_file, adapter_dirs, images, tmp_path):
+def test_cli_predict_with_named_adapters(base_file, adapter_dirs, images, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["predict", base_file, "--adapter", f"cracks={adapter_dirs['cracks']}",
             "--adapter", f"rust={adapter_dirs['rust']}", "--prompt", "cracks:red circle",
@@ -155,5 +155,25 @@ def test_cli_predict_with_named_adapters(base_file, adapter_dirs, images, tmp_pa
     assert {(r["adapter"], r["category_name"]) for r in results} == {("cracks", "red circle"),
                                                                       ("rust", "green triangle")}
     assert sorted(p.name for p in out.glob("*.png")) == [f"image{i}.png" for i in range(3)]
-    with pytest.raises(ValueError, match="expected NAME:VALUE"):
-        main([*argv[:6], "--prompt", "no adapter named", *map(str, images), "--out", str(out)])
+    try:  # the CLI either raises or prints the message and exits non-zero
+        code = main([*argv[:6], "--prompt", "no adapter named", *map(str, images), "--out", str(out)])
+    except ValueError as err:
+        assert "expected NAME:VALUE" in str(err)
+    else:
+        assert code != 0 and "expected NAME:VALUE" in capsys.readouterr().err
+
+
+def test_adapter_missing_a_tensor_is_a_clear_error_and_the_predictor_stays_usable(base_file, adapter_dirs, images,
+                                                                                  tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter_dirs["cracks"], broken)
+    weights = load_file(str(broken / "adapter_model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "dot_prod_scoring" not in k}, str(broken / "adapter_model.safetensors"))
+    predictor = Sam3Predictor(base_file, device="cpu").add_adapter("rust", adapter_dirs["rust"])
+    with pytest.raises(ValueError, match="missing .*dot_prod_scoring"):
+        predictor.add_adapter("broken", broken)
+    assert list(predictor.adapters) == ["rust"] and "broken" not in predictor.model.peft_config
+    assert predictor.predict(images[:1], {"rust": ["red circle"]})
