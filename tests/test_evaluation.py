@@ -18,6 +18,7 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO as PyCOCO
 from pycocotools.cocoeval import COCOeval as PyCOCOeval
+from torchmetrics import Metric
 
 from sam3_lora.evaluation import CocoEvaluator, evaluate_coco, load_ground_truth, predictions_to_coco
 from sam3_lora.evaluation.coco_eval import SUMMARY_INDEX
@@ -254,18 +255,21 @@ def test_topk_keeps_best_detections_per_query():
 def test_evaluator_deduplicates_repeated_queries_and_reports_empty_passes():
     dataset = gt_dataset([gt_annotation(1, 1, 1, BOX_1), gt_annotation(2, 2, 2, BOX_2)])
     evaluator = CocoEvaluator(load_ground_truth(dataset), category_names={1: "circle", 2: "square"})
-    assert evaluator.compute()["bbox_mAP"] == -1.0
+    with pytest.warns(UserWarning, match="called before the ``update`` method"):  # torchmetrics' own notice
+        assert evaluator.compute()["bbox_mAP"] == -1.0
     batch = SimpleNamespace(find_metadatas=[metadata(PAIRS)])
     evaluator.update(sam3_outputs(perfect_detections()), batch)
     evaluator.update(sam3_outputs(perfect_detections()), batch)  # a DistributedSampler repeat
-    held = [r for query in evaluator._results.values() for r in query]
-    assert len(held) == len(PAIRS) * 2  # the repeat replaced, not added
+    assert isinstance(evaluator, Metric) and len(evaluator.queries) == 2 * len(PAIRS)  # the torchmetrics state
+    held = [r for _, _, results in evaluator.queries for r in results]
     assert all(isinstance(r["segmentation"]["counts"], str) for r in held)  # RLE only, never dense masks
     metrics = evaluator.compute()
-    assert metrics["segm_mAP"] == pytest.approx(1.0, abs=TOL)
+    assert metrics["segm_mAP"] == pytest.approx(1.0, abs=TOL)  # counted twice, each repeat would be a false positive
     assert metrics["bbox_AP/circle"] == pytest.approx(1.0, abs=TOL)
     evaluator.reset()
-    assert evaluator.compute()["segm_AP/square"] == -1.0
+    assert evaluator.queries == []
+    with pytest.warns(UserWarning, match="called before the ``update`` method"):
+        assert evaluator.compute()["segm_AP/square"] == -1.0
 
 
 def test_partial_pass_only_counts_seen_images():

@@ -115,4 +115,4 @@ def test_evaluator_on_model_outputs(model_and_batch):
     assert expected_keys <= set(metrics)
     assert metrics["bbox_AP/square"] == -1.0  # no square anywhere: COCO cannot measure it
     assert 0.0 <= metrics["bbox_AP/circle"] <= 1.0
-    assert sum(len(v) for v in evaluator._results.values()) == 4 * 5
+    assert sum(len(results) for _, _, results in evaluator.queries) == 4 * 5

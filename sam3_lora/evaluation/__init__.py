@@ -1,7 +1,7 @@
 """Evaluation: SAM3 outputs → COCO results (presence-scored boxes + RLE masks) → COCOeval numbers.
 
 `postprocess` turns predictions into COCO results, `coco_eval` loads ground truth and runs COCOeval,
-`evaluator.CocoEvaluator` accumulates a pass (under DDP too), `report` compares zero-shot and fine-tuned runs.
+`evaluator.CocoEvaluator` (a torchmetrics Metric) accumulates a pass (under DDP too), `report` compares zero-shot and fine-tuned runs.
 """
 
 from sam3_lora.evaluation.coco_eval import evaluate_coco, load_ground_truth, per_class_ap
