@@ -242,6 +242,21 @@ def _raise(err: Exception):
     raise err
 
 
+def test_check_data_quotes_values_and_one_unreadable_split_adds_no_other_fatal(tmp_path, capsys):
+    root = write_shapes_dataset(tmp_path / "ds", num_train=3, num_valid=2, num_test=2, progress=False)
+    train = root / "train" / "_annotations.coco.json"
+    data = json.loads(train.read_text())
+    data["annotations"][0]["category_id"] = str(data["annotations"][0]["category_id"])
+    train.write_text(json.dumps(data))
+    (root / "valid" / "_annotations.coco.json").write_text("{not json")
+    assert main(["check-data", str(root), "--headers-only"]) == 1
+    out = capsys.readouterr().out
+    assert f"field 'category_id' = '{data['annotations'][0]['category_id']}' is not in 'categories'" in out
+    fatal_lines = [line for line in out.splitlines() if line.strip().startswith("FATAL")]
+    assert len(fatal_lines) == 2, fatal_lines  # the string id, the unreadable json: nothing for the test split
+    assert "not valid JSON" in out and "FAILED: 2 fatal problem(s)" in out
+
+
 def test_train_py_data_error_is_one_log_line_and_lightning_logs_once(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "train" / "_annotations.coco.json").write_text('{"images": []}')
