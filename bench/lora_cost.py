@@ -59,7 +59,7 @@ def mode_overrides(mode: str) -> list[str]:
 def compose_config(model: str, resolution: int, overrides: list[str], precision: str | None):
     from hydra import compose, initialize_config_dir
 
-    import sam3_lora.config  # noqa: F401  (registers the config resolvers)
+    import sam3_lora.resolvers  # noqa: F401  (registers the config resolvers)
 
     base = [f"model={model}", "model.checkpoint=null", f"model.resolution={resolution}",
             f"model.vit_pretrain_size={min(resolution, 336)}", "data=shapes", "data.max_queries_per_image=null"]

@@ -35,12 +35,21 @@ def _tensor_mb(model: torch.nn.Module) -> float:
     return total / 2**20
 
 
+def _tiny_config() -> dict:
+    """`build_sam3` kwargs of conf/model/sam3_tiny.yaml on the shipped base, as `python train.py` composes them."""
+    from hydra import compose, initialize_config_dir
+
+    from sam3_lora.train import model_config_of
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return model_config_of(compose("train", overrides=["model=sam3_tiny", "model.checkpoint=builtin:tiny"]))
+
+
 def _make_adapters(root: Path, count: int, targets: list[str]) -> list[Path]:
     from sam3_lora import adapter, lora
     from sam3_lora.model import build_sam3
-    from tests.conftest import tiny_model_config
 
-    config = tiny_model_config(checkpoint="builtin:tiny")
+    config = _tiny_config()
     dirs = []
     for index in range(count):
         torch.manual_seed(index)
@@ -54,7 +63,7 @@ def _make_adapters(root: Path, count: int, targets: list[str]) -> list[Path]:
 
 def _run_mode(mode: str, adapter_dirs: list[str], images: list[str]) -> dict:
     from sam3_lora.adapter import build_adapted_model, merge_adapter
-    from sam3_lora.predict import build_datapoint, predict_datapoints
+    from sam3_lora.predict import predict_datapoints, prompt_datapoint
     from sam3_lora.data.images import read_image_rgb
     from sam3_lora.data.transforms import eval_image_tensor
     from sam3_lora.predictor import Sam3Predictor
@@ -78,7 +87,7 @@ def _run_mode(mode: str, adapter_dirs: list[str], images: list[str]) -> dict:
                     datapoints = []
                     for index, path in enumerate(images[start_index:start_index + 4], start=start_index):
                         image = read_image_rgb(Path(path))
-                        datapoints.append(build_datapoint(eval_image_tensor(image, resolution), index,
+                        datapoints.append(prompt_datapoint(eval_image_tensor(image, resolution), index,
                                                           image.shape[:2], [PROMPT]))
                     predict_datapoints(model, datapoints)
         megabytes = sum(_tensor_mb(m) for m in models)

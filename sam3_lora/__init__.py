@@ -6,7 +6,7 @@ apply when `sam3_lora.compat` is imported, which every module that builds a SAM3
 
 from importlib.metadata import version as _version
 
-from sam3_lora.config import register_resolvers as _register_resolvers
+from sam3_lora.resolvers import register_resolvers as _register_resolvers
 
 _register_resolvers()
 

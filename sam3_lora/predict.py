@@ -60,7 +60,7 @@ def exemplar_boxes(boxes: Sequence[Sequence[float]], height: int, width: int) ->
     return cxcywh.clamp(0, 1)
 
 
-def build_datapoint(image: torch.Tensor, image_index: int, original_size: tuple[int, int], prompts: Sequence[str],
+def prompt_datapoint(image: torch.Tensor, image_index: int, original_size: tuple[int, int], prompts: Sequence[str],
                     boxes: Sequence[Sequence[float]] | None = None) -> Datapoint:
     """One image and one find-query per prompt (category id = prompt position + 1), boxes as exemplars.
 
@@ -155,7 +155,7 @@ def _predict_chunk(model, chunk, prompts, resolution, out_dir, overlay_names, th
     if not chunk:
         return []
     paths = dict(chunk)
-    datapoints = [build_datapoint(eval_image_tensor(images[i], resolution), i, images[i].shape[:2], prompts, boxes)
+    datapoints = [prompt_datapoint(eval_image_tensor(images[i], resolution), i, images[i].shape[:2], prompts, boxes)
                   for i, _ in chunk]
     by_image: dict[int, list[dict]] = {index: [] for index, _ in chunk}
     for result in predict_datapoints(model, datapoints, topk):

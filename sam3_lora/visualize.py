@@ -16,7 +16,7 @@ from PIL import ImageDraw, ImageFont
 from pycocotools import mask as mask_util
 
 from sam3_lora.evaluation.postprocess import final_predictions, predictions_to_coco
-from sam3_lora.evaluation.report import comparison_rows
+from sam3_lora.evaluation.comparison import comparison_rows
 
 PALETTE = [tuple(int(255 * c) for c in colormaps["tab10"](i)[:3]) for i in range(10)]
 MASK_ALPHA = 0.45

@@ -21,7 +21,7 @@ from sam3_lora.data.shapes import write_shapes_dataset  # noqa: E402
 from sam3_lora.data.transforms import eval_image_tensor  # noqa: E402
 from sam3_lora.evaluation.postprocess import final_predictions, query_scores  # noqa: E402
 from sam3_lora.model import build_sam3  # noqa: E402
-from sam3_lora.predict import build_datapoint, predict_datapoints  # noqa: E402
+from sam3_lora.predict import predict_datapoints, prompt_datapoint  # noqa: E402
 from sam3.train.data.collator import collate_fn_api  # noqa: E402
 from tests.conftest import tiny_model_config  # noqa: E402
 from tests.lora_helpers import adapted, perturb_lora  # noqa: E402
@@ -117,7 +117,7 @@ def test_transformers_base_loads_through_model_checkpoint(exported, merged_state
 def _our_detections(model, image):
     """Our predict's COCO results for one image, and the query ranking it used (scores of its own forward)."""
     x = eval_image_tensor(image, 112)
-    datapoint = build_datapoint(x, 0, image.shape[:2], PROMPTS)
+    datapoint = prompt_datapoint(x, 0, image.shape[:2], PROMPTS)
     results = predict_datapoints(model, [datapoint], topk=ALL_QUERIES)
     with torch.inference_mode():
         raw = final_predictions(model(collate_fn_api([datapoint], "all", with_seg_masks=False)["all"]))
@@ -204,7 +204,7 @@ def test_directory_without_extra_file_zero_fills_what_text_prompts_never_read(ex
         state = tf.read_transformers_checkpoint(bare)
     assert "points_direct_project" in caplog.text
     assert not state[tk.POS_EMBED][:, 0].any() and not state["geometry_encoder.points_pool_project.weight"].any()
-    batch = collate_fn_api([build_datapoint(torch.randn(3, 112, 112), 0, (112, 112), PROMPTS)], "all",
+    batch = collate_fn_api([prompt_datapoint(torch.randn(3, 112, 112), 0, (112, 112), PROMPTS)], "all",
                            with_seg_masks=False)["all"]
     with torch.inference_mode():
         full = final_predictions(build_sam3(**{**config, "checkpoint": str(exported)}).eval()(batch))

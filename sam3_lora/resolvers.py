@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by conf/ (registered when sam3_lora is imported)."""
+"""OmegaConf resolvers used by conf/ (`${sam3_precision:}`), registered when sam3_lora is imported."""
 
 from __future__ import annotations
 
