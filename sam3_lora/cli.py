@@ -42,17 +42,22 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    from sam3_lora.data.check import check_data_main
+    from sam3_lora.data.check import check_data, check_data_report
 
-    return check_data_main(args.root, drop_background_category=not args.keep_background_category,
-                           decode_images=not args.headers_only)
+    text, usable = check_data_report(check_data(args.root, drop_background_category=not args.keep_background_category,
+                                                decode_images=not args.headers_only))
+    print(text)
+    return 0 if usable else 1
 
 
 def _make_shapes(args: argparse.Namespace) -> int:
-    from sam3_lora.data.shapes import make_shapes_main
+    from sam3_lora.data.shapes import write_shapes_dataset
 
-    return make_shapes_main(args.out_dir, style=args.style, seed=args.seed, num_train=args.num_train,
-                            num_valid=args.num_valid, num_test=args.num_test)
+    root = write_shapes_dataset(args.out_dir, style=args.style, seed=args.seed, num_train=args.num_train,
+                                num_valid=args.num_valid, num_test=args.num_test)  # refuses an existing folder
+    print(f"wrote {args.num_train}/{args.num_valid}/{args.num_test} train/valid/test images ({args.style} style, "
+          f"seed {args.seed}) to {root}")
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -68,9 +73,11 @@ def _predict_video(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from sam3_lora.doctor import doctor_main
+    from sam3_lora.doctor import doctor_report, run_checks
 
-    return doctor_main(None if args.checkpoint == "none" else args.checkpoint, download=args.download)
+    text, passed = doctor_report(run_checks(None if args.checkpoint == "none" else args.checkpoint, args.download))
+    print(text)
+    return 0 if passed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,10 +82,7 @@ def run_checks(checkpoint: str | None = "hub", download: bool = False) -> list[C
     return checks
 
 
-def doctor_main(checkpoint: str | None = "hub", download: bool = False) -> int:
-    """Print the checks; exit code 1 when a required one fails."""
-    checks = run_checks(checkpoint, download)
-    for check in checks:
-        mark = "ok " if check.ok else ("FAIL" if check.required else "warn")
-        print(f"[{mark:>4}] {check.name:<22} {check.detail}")
-    return 1 if any(c.required and not c.ok for c in checks) else 0
+def doctor_report(checks: list[Check]) -> tuple[str, bool]:
+    """One line per check ("[ ok ]", "[FAIL]" for a failed required check, "[warn]") and whether all required passed."""
+    lines = [f"[{'ok ' if c.ok else ('FAIL' if c.required else 'warn'):>4}] {c.name:<22} {c.detail}" for c in checks]
+    return "\n".join(lines), not any(c.required and not c.ok for c in checks)

@@ -207,7 +207,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     def broken(*args, **kwargs):
         return {}["missing"]  # a KeyError the interpreter raises: not a message of ours
 
-    monkeypatch.setattr(sam3_lora.data.shapes, "make_shapes_main", broken)
+    monkeypatch.setattr(sam3_lora.data.shapes, "write_shapes_dataset", broken)
     with pytest.raises(KeyError):
         main(["make-shapes", "anywhere"])
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sam3_lora.data.coco import ROBOFLOW_ANNOTATION_FILE
 from sam3_lora.data.masks import segmentation_kind
-from sam3_lora.data.shapes import DEFAULT_CATEGORIES, make_shapes_main, write_shapes_dataset
+from sam3_lora.data.shapes import DEFAULT_CATEGORIES, write_shapes_dataset
 from tests.data_fixtures import SMALL_SHAPES, shapes_root  # noqa: F401 (fixture)
 
 TINY = {**SMALL_SHAPES, "num_train": 6, "num_valid": 5, "num_test": 0}
@@ -67,9 +67,9 @@ def test_categories_are_configurable_and_checked(tmp_path):
         write_shapes_dataset(tmp_path / "y", categories=["pink circle"], **TINY)
 
 
-def test_make_shapes_main_writes_once_then_refuses_to_overwrite(tmp_path, capsys):
+def test_write_shapes_dataset_writes_once_then_refuses_to_overwrite(tmp_path):
     out = tmp_path / "shapes"
-    assert make_shapes_main(str(out), style="target", seed=1, num_train=3, num_valid=2, num_test=1) == 0
+    write_shapes_dataset(out, style="target", seed=1, num_train=3, num_valid=2, num_test=1, progress=False)
     assert (out / "valid" / ROBOFLOW_ANNOTATION_FILE).is_file()
-    assert make_shapes_main(str(out)) == 1
-    assert "already exists" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_shapes_dataset(out, num_train=1, num_valid=1, num_test=0, progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sam3_lora.data.check import check_data_main
+from sam3_lora.data.check import check_data, check_data_report
 from sam3_lora.data.coco import SplitPaths, read_split
 from sam3_lora.data.datamodule import CocoDataModule
 from sam3_lora.data.report import DataValidationError
@@ -87,12 +87,13 @@ def test_duplicate_category_id(tmp_path):
     assert problem.severity == "fatal" and "category id 1" in problem.message and "lynx" in problem.message
 
 
-def test_evaluation_split_with_a_category_train_lacks(tmp_path, capsys):
+def test_evaluation_split_with_a_category_train_lacks(tmp_path):
     train = coco_dict([image_entry(0)], [GOOD, DOG])
     valid = coco_dict([image_entry(0)], [GOOD, DOG], [{"id": 1, "name": "cat"}, {"id": 2, "name": "wolf"}])
     write_valid_dataset(tmp_path, train, valid)
-    assert check_data_main(str(tmp_path)) == 1
-    assert "category id 2 field 'name' is 'wolf' here but 'dog' in train" in capsys.readouterr().out
+    text, usable = check_data_report(check_data(tmp_path))
+    assert not usable
+    assert "category id 2 field 'name' is 'wolf' here but 'dog' in train" in text
 
 
 # ----- repaired -------------------------------------------------------------------------------------------------
@@ -182,17 +183,17 @@ def test_category_without_instances(tmp_path):
 
 
 # ----- what users see -------------------------------------------------------------------------------------------
-def test_check_data_exits_1_on_a_fatal_problem(tmp_path, capsys):
+def test_check_data_reports_a_fatal_problem(tmp_path):
     write_valid_dataset(tmp_path, coco_dict([image_entry(0)], [GOOD, DOG]))
     (tmp_path / "valid" / "img0.jpg").unlink()
-    assert check_data_main(str(tmp_path)) == 1
-    out = capsys.readouterr().out
+    out, usable = check_data_report(check_data(tmp_path))
+    assert not usable
     assert "FATAL" in out and "valid/img0.jpg not found" in out and "FAILED" in out
 
 
-def test_check_data_on_generated_shapes_is_clean(shapes_root, capsys):
-    assert check_data_main(str(shapes_root)) == 0
-    out = capsys.readouterr().out
+def test_check_data_on_generated_shapes_is_clean(shapes_root):
+    out, usable = check_data_report(check_data(shapes_root))
+    assert usable
     for expected in ("== train", "== valid", "== test", "red circle", "boxes-only", "without objects",
                      "dropped category 0 'shapes'", "0 fatal, 0 repaired, 0 warnings", "OK:"):
         assert expected in out

@@ -1,4 +1,4 @@
-"""`sam3-lora check-data ROOT`: validate every split the way training would and print a per-split summary."""
+"""What `sam3-lora check-data ROOT` reports: every split validated the way training would, as text (cli.py prints it)."""
 
 from __future__ import annotations
 
@@ -42,30 +42,25 @@ def split_summary(split: CocoSplit) -> str:
     return "\n".join(lines)
 
 
-def check_data_main(root: str, train_ann: str | None = None, train_images: str | None = None,
-                    valid_ann: str | None = None, valid_images: str | None = None, test_ann: str | None = None,
-                    test_images: str | None = None, drop_background_category: bool = True,
-                    decode_images: bool = True) -> int:
-    """Validate a dataset (Roboflow layout under `root`, or explicit split paths) and print the summary.
+def check_data(root: str | Path, drop_background_category: bool = True, decode_images: bool = True
+               ) -> dict[str, CocoSplit]:
+    """Validate a Roboflow-layout dataset the way training would (`read_splits`) and return its splits.
 
     Args:
         root: dataset root.
-        train_ann ... test_images: explicit split paths (see `resolve_split_paths`).
         drop_background_category: as `data.drop_background_category`.
         decode_images: decode every image fully (finds files corrupt past their header).
-
-    Returns:
-        0 when no split has a fatal problem, else 1.
     """
-    explicit = {"train": (train_ann, train_images), "valid": (valid_ann, valid_images),
-                "test": (test_ann, test_images)}
-    splits = read_splits(resolve_split_paths(Path(root), explicit), drop_background_category, decode_images)
-    for split in splits.values():
-        print(split_summary(split))
+    return read_splits(resolve_split_paths(Path(root)), drop_background_category, decode_images)
+
+
+def check_data_report(splits: dict[str, CocoSplit]) -> tuple[str, bool]:
+    """The check-data text (each split's summary, then a verdict) and whether training can use the data."""
+    lines = [split_summary(split) for split in splits.values()]
     fatal = sum(len(s.report.fatal) for s in splits.values())
     repaired = sum(len(s.report.of("repaired")) for s in splits.values())
     if fatal:
-        print(f"FAILED: {fatal} fatal problem(s); training would stop. Fix them and rerun check-data.")
-        return 1
-    print(f"OK: {', '.join(splits)} usable ({repaired} annotation repair(s) will be applied automatically).")
-    return 0
+        lines.append(f"FAILED: {fatal} fatal problem(s); training would stop. Fix them and rerun check-data.")
+    else:
+        lines.append(f"OK: {', '.join(splits)} usable ({repaired} annotation repair(s) will be applied automatically).")
+    return "\n".join(lines), not fatal

@@ -187,15 +187,3 @@ def uncompressed_rle(mask: np.ndarray) -> dict:
         counts = [0, *counts]
     return {"size": list(mask.shape), "counts": [int(c) for c in counts]}
 
-
-def make_shapes_main(out_dir: str, style: str = "source", seed: int = 0, num_train: int = 300, num_valid: int = 50,
-                     num_test: int = 50, image_size: int | Sequence[int] = (112, 160),
-                     categories: Sequence[str] | None = None) -> int:
-    """`sam3-lora make-shapes OUT_DIR`: write the dataset, print where, return the exit code."""
-    try:
-        root = write_shapes_dataset(out_dir, style, seed, num_train, num_valid, num_test, image_size, categories)
-    except (FileExistsError, ValueError) as err:
-        print(f"make-shapes: {err}")
-        return 1
-    print(f"wrote {num_train}/{num_valid}/{num_test} train/valid/test images ({style} style, seed {seed}) to {root}")
-    return 0
