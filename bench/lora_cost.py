@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -97,7 +96,6 @@ def _allocate_optimizer_state(optimizer, parameters) -> None:
 
 def worker_train(args) -> dict:
     import torch
-    from hydra.utils import instantiate
 
     from crowded_batch import crowded_batch
     from sam3_lora.losses import build_sam3_loss

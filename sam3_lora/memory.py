@@ -255,7 +255,7 @@ class SavedTensorLedger:
 
 
 SAM3_GROUPS = (
-    ("ViT block ", VISION_BLOCKS + "."), ("ViT stem", "backbone.vision_backbone.trunk"),
+    ("ViT block ", VISION_BLOCKS + "."), ("ViT trunk, outside blocks", "backbone.vision_backbone.trunk"),
     ("neck", "backbone.vision_backbone"), ("text encoder", "backbone.language_backbone"),
     ("geometry encoder", "geometry_encoder"), ("DETR encoder", "transformer.encoder"),
     ("DETR decoder", "transformer.decoder"), ("mask head", "segmentation_head"),

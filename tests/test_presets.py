@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from sam3_lora import memory
 from sam3_lora.losses import build_sam3_loss
@@ -248,3 +247,13 @@ def test_bf16_base_refuses_full_precision_training():
     with pytest.raises(ValueError, match="trainer.precision=bf16-mixed"):
         _check_precision(model, "32-true")
     _check_precision(model, "bf16-mixed")
+
+
+def test_glibc_malloc_tuning_applies_unless_the_environment_decides(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    import platform
+
+    assert memory.tune_glibc_malloc() == (platform.libc_ver()[0] == "glibc")  # mallopt returned success
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert memory.tune_glibc_malloc() is False  # the user's environment wins
