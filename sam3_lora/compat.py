@@ -94,14 +94,6 @@ def bpe_vocab_path() -> str:
     return str(path)
 
 
-def postprocess_on_gpu() -> bool:
-    """Value for `PostProcessImage(always_interpolate_masks_on_gpu=...)`.
-
-    sam3/eval/postprocessors.py:154 asserts the target sizes live on CUDA when this flag is set.
-    """
-    return has_cuda()
-
-
 def clear_cached_devices(model: torch.nn.Module) -> torch.nn.Module:
     """Forget the device sam3 modules cached, after `model` (or a wrapper around it) was moved.
 

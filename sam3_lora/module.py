@@ -175,7 +175,6 @@ class Sam3LoraModule(L.LightningModule):
         logged = {f"{stage}/{k}": float(v) for k, v in metrics.items()}
         logged[f"{stage}/mAP"] = float(primary)  # the checkpoint criterion: segm when masks, else bbox
         self.log_dict(logged, sync_dist=False, rank_zero_only=False)
-        self.last_metrics = {stage: logged}
 
     def _log_panel(self, batch, outputs) -> None:
         every = self.hparams.log_images_every_n_epochs

@@ -154,7 +154,6 @@ def test_compat_pin_memory_and_focal_loss_paths():
     if not compat.has_cuda():
         tensor = torch.ones(2)
         assert tensor.pin_memory() is tensor
-        assert compat.postprocess_on_gpu() is False
 
 
 def test_construction_caches_are_lazy(tiny_config):

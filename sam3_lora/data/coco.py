@@ -17,7 +17,7 @@ from pathlib import Path
 from pycocotools.coco import COCO
 
 from sam3_lora.data import validation
-from sam3_lora.data.report import DataValidationError, ValidationReport
+from sam3_lora.data.report import ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,6 @@ class CocoSplit:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.clean_dataset), encoding="utf-8")
         return path
-
-    def raise_if_fatal(self) -> None:
-        """Raise `DataValidationError` listing every fatal problem, if any."""
-        if self.report.fatal:
-            raise DataValidationError(self.report.fatal)
 
 
 def resolve_split_paths(root: str | Path, explicit: dict[str, tuple[str | None, str | None]] | None = None
