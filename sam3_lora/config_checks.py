@@ -148,12 +148,16 @@ def _warn_cpu_processes(cfg: DictConfig) -> None:
                     "each with its own copy of the model, sharing the same cores", devices, devices)
 
 
-def _is_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+def _is_optimising_sweep() -> bool:
+    """A multirun whose sweeper reads run()'s return value (Optuna & co.; the basic grid sweeper ignores it)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
 def _sweep_problems(cfg: DictConfig) -> list[str]:
-    if not _is_sweep() or not cfg.get("optimized_metric") or not cfg.get("train", True) or cfg.get("test", True):
+    if not cfg.get("optimized_metric") or not cfg.get("train", True) or cfg.get("test", True) \
+            or not _is_optimising_sweep():
         return []
     return [f"'test' = false in a sweep: optimized_metric={cfg.optimized_metric} is measured by the test pass "
             "after training, so every trial would report the same zero-shot number; set test=true"]
