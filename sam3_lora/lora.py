@@ -184,6 +184,11 @@ def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_lora_parameter(n)]
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether `model` carries PEFT adapters (an `apply_lora` result with targets), i.e. has an adapter to save."""
+    return isinstance(model, PeftModel)
+
+
 def base_sam3(model: nn.Module) -> nn.Module:
     """The Sam3Image inside a PeftModel, or the model itself when it has no adapters."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return model.get_base_model() if has_adapters(model) else model

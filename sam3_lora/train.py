@@ -16,6 +16,7 @@ from sam3_lora.adapter import export_stock_checkpoint, save_adapter
 from sam3_lora.callbacks import NanGuard, require_finite
 from sam3_lora.checkpoint_io import atomic_path
 from sam3_lora.config_checks import StoreRunSettings, check_checkpoint_settings, check_config, run_settings
+from sam3_lora.lora import has_adapters
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
 
 @rank_zero_only
 def _export_adapter(module, output_dir: Path, model_config: dict) -> None:
-    if not hasattr(module.model, "peft_config"):
+    if not has_adapters(module.model):
         log.warning("lora.targets is empty: no adapter/ written; the trained modules are in checkpoints/best.ckpt "
                     "(set export_stock_checkpoint=PATH for a stock SAM3 checkpoint)")
         return

@@ -57,7 +57,7 @@ def test_lora_parameter_names_and_base_model_are_found_without_duck_typing(tiny_
     names = [n for n, _ in lora.lora_parameters(model)]
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert not any(lora.is_lora_parameter(n) for n, p in model.named_parameters() if "modules_to_save" in n)
-    assert type(lora.base_sam3(model)).__name__ == "Sam3Image"
+    assert type(lora.base_sam3(model)).__name__ == "Sam3Image" and lora.has_adapters(model)
     plain = build_sam3(**tiny_config)
-    assert lora.base_sam3(plain) is plain
+    assert lora.base_sam3(plain) is plain and not lora.has_adapters(plain)
 
