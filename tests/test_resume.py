@@ -122,3 +122,46 @@ def test_resume_continues_at_the_saved_step_with_the_same_batches(runs):
     # negatives; no consumed batch replayed, none skipped
     assert resumed == full[KILL_AT - 1:]
     assert killed == full[:KILL_AT]
+
+
+class _Keys(torch.utils.data.Dataset):
+    """Serves the sampler's (index, epoch) keys themselves."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, key):
+        return tuple(key)
+
+
+def _collate_keys(keys):
+    return [list(k) for k in keys]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_position_resumes_the_same_epoch_with_workers(num_workers):
+    from sam3_lora.data.dataset import EpochSampler
+    from sam3_lora.data.resumable import LoaderPosition, ResumableDataLoader
+
+    def loader(position):
+        return ResumableDataLoader(_Keys(), batch_size=2, sampler=EpochSampler(10, seed=1), num_workers=num_workers,
+                                   persistent_workers=num_workers > 0, collate_fn=_collate_keys, position=position)
+
+    first = loader(LoaderPosition())
+    batches = iter(first)  # Lightning calls iter() before set_epoch on a resumed run
+    first.sampler.set_epoch(3)
+    uninterrupted = list(batches)
+    assert {epoch for batch in uninterrupted for _, epoch in batch} == {3}
+    batches = iter(first)
+    consumed = [next(batches), next(batches)]
+    state = first.state_dict()
+    assert state == {"epoch": 3, "batches": 2} and consumed == uninterrupted[:2]
+
+    restored = LoaderPosition()
+    restored.load_state_dict(state)
+    resumed = loader(restored)
+    batches = iter(resumed)
+    resumed.sampler.set_epoch(3)
+    assert list(batches) == uninterrupted[2:]  # the rest of epoch 3, nothing replayed
+    resumed.sampler.set_epoch(4)
+    assert len(list(resumed)) == 5  # the next epoch is whole again

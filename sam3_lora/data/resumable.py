@@ -54,8 +54,7 @@ class _SkipFirstBatches:
         self.loader, self.batches = loader, batches
 
     def __iter__(self) -> Iterator:
-        skip, self.loader._skip_now = self.loader._skip_now, 0
-        return itertools.islice(iter(self.batches), skip, None)
+        return itertools.islice(iter(self.batches), self.loader._skip_now, None)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -93,7 +92,11 @@ class ResumableDataLoader(DataLoader):
         restored, position.restored = position.restored, None
         skip = min(restored[1], len(self)) if restored and restored[0] == position.epoch else 0
         position.batches = self._skip_now = skip
-        for batch in super().__iter__():
+        try:  # torch draws index iterators once or twice while creating its iterator (multi-worker `_reset`)
+            batches = super().__iter__()
+        finally:
+            self._skip_now = 0
+        for batch in batches:
             position.batches += 1
             yield batch
 
