@@ -19,6 +19,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DETECTOR_PREFIX = "detector."
+# The video model's detector adds the SAM2 neck (sam3/model_builder.py:106); the image model has none.
+SAM2_NECK_PREFIX = "backbone.vision_backbone.sam2_convs."
 # RoPE tables: derived from the resolution, saved in sam3.pt for 1008 px (DESIGN §4).
 ROPE_SUFFIX = "attn.freqs_cis"
 # Where exported checkpoints keep the `build_sam3` kwargs they were built with (predict rebuilds from it).
@@ -184,11 +186,19 @@ def _read_transformers_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def image_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keep the image model's keys: strip the stock `detector.` prefix, drop `tracker.*` keys.
 
+    The stock sam3.pt is saved from the video model, whose detector also holds the SAM2 interactive
+    neck (`backbone.vision_backbone.sam2_convs.*`, sam3/model_builder.py:106 `add_sam2_neck`); the image
+    model never builds it, so those keys are dropped too.
+
     A state dict without any `detector.` key is taken as already unprefixed.
     """
     if any(key.startswith(DETECTOR_PREFIX) for key in state):
-        return {key[len(DETECTOR_PREFIX):]: value for key, value in state.items() if key.startswith(DETECTOR_PREFIX)}
-    return dict(state)
+        state = {key[len(DETECTOR_PREFIX):]: value for key, value in state.items() if key.startswith(DETECTOR_PREFIX)}
+    dropped = [key for key in state if key.startswith(SAM2_NECK_PREFIX)]
+    if dropped:
+        log.info("ignoring %d keys of the SAM2 interactive neck (%s*): the image model does not build it",
+                 len(dropped), SAM2_NECK_PREFIX)
+    return {key: value for key, value in state.items() if not key.startswith(SAM2_NECK_PREFIX)}
 
 
 def load_base_weights(model: nn.Module, checkpoint: str) -> None:

@@ -113,3 +113,15 @@ def test_base_with_other_dims_names_the_problem(adapter_on_base, tiny_config, tm
     torch.save({"model": other}, tmp_path / "other.pt")
     with pytest.raises(RuntimeError, match="does not match the SAM3 of the adapter's model config"):
         export_full_checkpoint(adapter_on_base[0], tmp_path / "x.pt", str(tmp_path / "other.pt"))
+
+
+def test_a_stock_full_checkpoint_is_a_valid_base_for_the_image_model(full_base, tiny_config):
+    """sam3.pt is saved from the video model: its detector holds the SAM2 neck the image model never builds.
+
+    `model.checkpoint=sam3.pt` must load it strictly (the neck and tracker keys are not "unexpected").
+    """
+    path, state = full_base
+    assert any("sam2_convs" in k for k in state)
+    model = build_sam3(**{**tiny_config, "checkpoint": str(path)})
+    trunk = "backbone.vision_backbone.trunk.blocks.0.attn.qkv.weight"
+    assert torch.equal(model.state_dict()[trunk], state["detector." + trunk])
