@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO / "data/adaptation",
                         help="shapes_target/ and shapes_source/ are generated here unless present")
     parser.add_argument("--out", type=Path, default=REPO / "outputs/adaptation")
+    parser.add_argument("--jobs", type=int, default=1, help="train.py runs at the same time (wall times then "
+                        "include the contention)")
     parser.add_argument("--json", type=Path, help="also write the per-run numbers and the summary here")
     parser.add_argument("extra", nargs="*", help="more Hydra overrides for every run, e.g. data.num_workers=0")
     args = parser.parse_args(argv)
@@ -151,11 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
     _generate_data(args)
     base = zero_shot(args)
-    runs = {name: [run_arm(name, seed, args) for seed in args.seeds] for name in arms}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own train.py process
+        futures = {(name, seed): pool.submit(run_arm, name, seed, args) for name in arms for seed in args.seeds}
+        runs = {name: [futures[(name, seed)].result() for seed in args.seeds] for name in arms}
     trainable = {name: trainable_percent([*common_overrides(args), *ARMS[name]]) for name in arms}
     summary = summarize(runs, base, trainable)
     print(f"{len(args.seeds)} seeds {args.seeds}, {args.epochs} epochs x {args.num_train} target images "
-          f"(batch 8), mean ± half-spread; gain recovered = bbox mAP50 gain / full fine-tuning's")
+          f"(batch 8), {args.jobs} run(s) at a time, mean ± half-spread; gain recovered = bbox mAP50 gain / "
+          "full fine-tuning's")
     print(markdown(summary))
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "zero_shot": base, "summary": summary}, indent=2))
