@@ -59,6 +59,22 @@ def final_outputs(model, batch) -> dict:
     return {k: v for k, v in out.output[-1][-1].items() if isinstance(v, torch.Tensor)}
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """Run each test on one torch CPU thread; full-size (`slow`) and `gpu` tests keep torch's default.
+
+    On 2 cores a second OpenMP thread stalls whenever another process is busy: a demo training step measured
+    0.26 s on 1 thread and 8-13 s on 2 while one other process ran (tests/test_num_threads.py, README).
+    """
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("gpu"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_config() -> dict:
     return tiny_model_config()
