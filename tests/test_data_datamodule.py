@@ -159,3 +159,25 @@ def test_shapes_config_generates_its_dataset_when_absent(tmp_path):
     assert (tmp_path / "shapes_target" / "train" / "_annotations.coco.json").is_file()
     assert dm.category_names == {1: "red circle", 2: "blue square", 3: "green triangle"}
     assert next(iter(dm.val_dataloader())).img_batch.shape[-1] == RESOLUTION
+
+
+_OPENCV_BUSY_PARENT = """
+import sys, numpy as np, cv2
+for _ in range(10):  # the parent uses OpenCV's thread pool (as the converters and transforms do)
+    cv2.GaussianBlur(np.random.rand(1500, 1500).astype(np.float32), (15, 15), 0)
+from sam3_lora.data.datamodule import CocoDataModule
+dm = CocoDataModule(root=sys.argv[1], resolution=112, batch_size=4, num_workers=2, persistent_workers=False)
+dm.setup("fit")
+print(sum(1 for _ in dm.train_dataloader()))
+"""
+
+
+def test_workers_start_after_the_parent_used_opencv_threads(shapes_root):
+    """Setting OpenCV's threads inside forked workers deadlocked when the parent had used its pool (tests hung)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _OPENCV_BUSY_PARENT, str(shapes_root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 0

@@ -39,10 +39,16 @@ def collate_batch(batch: list, with_masks: bool) -> BatchedDatapoint:
     return collate_fn_api(batch, "all", with_seg_masks=with_masks)["all"]
 
 
-def _worker_init(worker_id: int) -> None:
-    # One worker process per core: OpenCV's own thread pool inside each worker would oversubscribe the CPUs.
-    # (No RNG to seed here: every random draw is derived from (seed, epoch, index) in the dataset.)
-    cv2.setNumThreads(1)
+def _single_threaded_opencv() -> None:
+    """One OpenCV thread, set in the parent BEFORE DataLoader workers fork.
+
+    One worker process per core: OpenCV's own thread pool inside each worker would oversubscribe the CPUs.
+    Setting it inside a forked worker (worker_init_fn) deadlocks when the parent had already used OpenCV's
+    thread pool (its lock is copied held into the child); forked workers inherit the setting instead.
+    (No RNG to seed in workers: every random draw is derived from (seed, epoch, index) in the dataset.)
+    """
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
 
 
 class CocoDataModule(LightningDataModule):
@@ -287,10 +293,12 @@ class CocoDataModule(LightningDataModule):
         # training resumes mid-epoch exactly: its loader's position is saved in checkpoints (data/resumable.py)
         loader_class, extra = (ResumableDataLoader, {"position": position}) if position is not None \
             else (DataLoader, {})
+        if self.num_workers > 0:
+            _single_threaded_opencv()
         return loader_class(
             dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.num_workers,
             collate_fn=functools.partial(collate_batch, with_masks=self.with_masks),
-            worker_init_fn=_worker_init, pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0, **extra,
         )
 
