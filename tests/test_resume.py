@@ -74,20 +74,28 @@ def _rows(path: Path) -> list:
     return json.loads(path.read_text())
 
 
+def _train_py(shapes_root: Path, out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`python train.py` in a fresh process: every run of the comparison starts from the same process state
+    (in-process runs inherit whatever earlier tests left in torch/OpenCV globals)."""
+    return subprocess.run(
+        [sys.executable, "train.py", *SMALL_RUN, f"data.root={shapes_root}", f"output_dir={out}", *overrides],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def runs(shapes_root, tmp_path_factory) -> Path:
     """Uninterrupted run in `full/`; killed-then-resumed run in `run/` (records kill.json, resume.json)."""
     root = tmp_path_factory.mktemp("resume")
-    run(compose_config(shapes_root, root / "full", _overrides(root / "full.json")))
-    killed = subprocess.run(
-        [sys.executable, "train.py", *SMALL_RUN, f"data.root={shapes_root}", f"output_dir={root / 'run'}",
-         *_overrides(root / "kill.json"), "+callbacks.kill._target_=tests.test_resume.KillAtStep",
-         f"+callbacks.kill.step={KILL_AT}"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    full = _train_py(shapes_root, root / "full", _overrides(root / "full.json"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _train_py(shapes_root, root / "run", [*_overrides(root / "kill.json"),
+                                                   "+callbacks.kill._target_=tests.test_resume.KillAtStep",
+                                                   f"+callbacks.kill.step={KILL_AT}"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = root / "run/checkpoints/last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == KILL_AT - 1
-    run(compose_config(shapes_root, root / "run", [*_overrides(root / "resume.json"), f"ckpt_path={last}"]))
+    resumed = _train_py(shapes_root, root / "run", [*_overrides(root / "resume.json"), f"ckpt_path={last}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     return root
 
 
