@@ -1,7 +1,7 @@
 """Kill-anywhere resume: a run SIGKILLed mid-epoch and resumed from last.ckpt ends where the uninterrupted run ends.
 
 The killed run is a real `python train.py` process killed with SIGKILL right after an optimiser step that was not
-checkpointed; the resumed and the uninterrupted runs go through `run(cfg)`. Every batch each run trains on is
+checkpointed; the resumed and the uninterrupted runs are fresh `python train.py` processes too. Every batch each run trains on is
 recorded (its images' pixel sum: augmentation; its query phrases: negatives), so the test also shows that the
 resumed run starts at the saved step and neither replays nor skips a batch.
 """
@@ -21,7 +21,6 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from sam3_lora.data.shapes import write_shapes_dataset
-from sam3_lora.train import run
 from tests.conftest import REPO
 from tests.train_helpers import SMALL_RUN, adapter_state, compose_config
 
