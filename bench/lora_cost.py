@@ -3,6 +3,7 @@
     python bench/lora_cost.py                                   # tiny SAM3 at 112 px (seconds)
     python bench/lora_cost.py --model sam3 --resolution 504,1008 --modes full,lora,lean --steps 1 --warmup 0
     python bench/lora_cost.py --model sam3 --resolution 504 --modes lora,full --breakdown   # where activations go
+    python bench/lora_cost.py --model sam3 --resolution 1008 --modes lean --peaks --steps 1 --warmup 0  # where the peak is
 
 A mode is a list of Hydra overrides of conf/train.yaml (`full` is `lora=full`, `lean` is `preset=lean`, `lastN`
 is `lora.vision_last_blocks=N`; see MODES), so the bench measures exactly what `python train.py <overrides>`
@@ -98,6 +99,7 @@ def worker_train(args) -> dict:
     import torch
 
     from crowded_batch import crowded_batch
+    from transient_peaks import TransientPeaks
     from sam3_lora.losses import build_sam3_loss
     from sam3_lora.memory import SavedTensorLedger, sam3_group, tune_glibc_malloc
     from sam3_lora.compat import clear_cached_devices
@@ -121,16 +123,20 @@ def worker_train(args) -> dict:
     prompts = min(args.prompts, cfg.data.max_queries_per_image or args.prompts)
     batch = _to(crowded_batch(args.resolution, args.images, prompts, args.instances), device)
     autocast = "bf16" in str(cfg.trainer.precision)
-    times, breakdown = [], None
+    times, breakdown, peaks = [], None, None
     _reset_peak(device)
     for step in range(args.warmup + args.steps):
         ledger = SavedTensorLedger(model) if args.breakdown and step == 0 else None
+        meter = TransientPeaks(sam3_components(sam3), device) if args.peaks and step == 0 else None
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            with ledger or contextlib.nullcontext():
-                out = model(batch)
-                loss = loss_fn(out, [sam3.back_convert(t) for t in batch.find_targets])["core_loss"]
-        loss.backward()
+        with (meter.watching() if meter else contextlib.nullcontext()):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                with ledger or contextlib.nullcontext():
+                    out = model(batch)
+                    with (meter.phase("loss") if meter else contextlib.nullcontext()):
+                        loss = loss_fn(out, [sam3.back_convert(t) for t in batch.find_targets])["core_loss"]
+            with (meter.phase("backward") if meter else contextlib.nullcontext()):
+                loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 0.1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -139,12 +145,14 @@ def worker_train(args) -> dict:
         times.append(time.perf_counter() - start)
         if ledger is not None:
             breakdown = {k: round(v / 2**20) for k, v in ledger.by_group(sam3_group).items()}
+        if meter is not None:
+            peaks = [[label, round(above), round(absolute)] for label, above, absolute in meter.rows()]
         del out, loss
     measured = sorted(times[args.warmup:])
     total = sum(p.numel() for p in model.parameters())
     return {"step_s": measured[len(measured) // 2], "peak_mb": _peak_mb(device),
             "trainable": sum(p.numel() for p in trainable), "total": total, "prompts": prompts,
-            "malloc_tuned": malloc, "breakdown_mb": breakdown, "overrides": mode_overrides(args.mode)}
+            "malloc_tuned": malloc, "breakdown_mb": breakdown, "peaks_mb": peaks, "overrides": mode_overrides(args.mode)}
 
 
 def worker_infer(args) -> dict:
@@ -188,6 +196,16 @@ def _reload_merged(merged, cfg):
         return instantiate(cfg.model, checkpoint=str(Path(tmp) / "merged.safetensors"))
 
 
+def sam3_components(sam3) -> dict:
+    """The non-nested parts of a Sam3Image whose forward peaks the bench reports, in the order they run."""
+    backbone, transformer = sam3.backbone, sam3.transformer
+    parts = {"ViT": backbone.vision_backbone.trunk,  # the neck's convs are a ModuleList (no forward of its own)
+             "text encoder": backbone.language_backbone, "geometry encoder": sam3.geometry_encoder,
+             "DETR encoder": transformer.encoder, "DETR decoder": transformer.decoder,
+             "mask head": sam3.segmentation_head, "scoring": sam3.dot_prod_scoring}
+    return {label: module for label, module in parts.items() if module is not None}
+
+
 def _to(batch, device):
     from sam3.model.utils.misc import copy_data_to_device
 
@@ -199,6 +217,7 @@ def _spawn(args, worker: str, mode: str, resolution: int) -> dict:
                "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--images", str(args.images), "--prompts", str(args.prompts), "--instances", str(args.instances),
                "--malloc", args.malloc] + (["--breakdown"] if args.breakdown else []) \
+        + (["--peaks"] if args.peaks else []) \
         + (["--lazy-optimizer"] if args.lazy_optimizer else []) \
         + (["--precision", args.precision] if args.precision else [])
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -224,6 +243,8 @@ def main() -> None:
                         help="do not allocate AdamW state before the steps: a first step's peak (less than steady state "
                              "by 8 bytes per trainable parameter when --warmup 0 --steps 1)")
     parser.add_argument("--breakdown", action="store_true", help="also report saved-for-backward MB per component")
+    parser.add_argument("--peaks", action="store_true",
+                        help="also report each component's transient peak above its entry level (first step)")
     parser.add_argument("--parts", default="train", help="comma list of: train, infer")
     parser.add_argument("--json", default=None, help="write {mode: {step_s, peak_mb, trainable}} (per resolution)")
     parser.add_argument("--worker", choices=["train", "infer"], help=argparse.SUPPRESS)
@@ -253,6 +274,8 @@ def report(args) -> None:
             print_train(train, args.images)
             if args.breakdown:
                 print_breakdown(train)
+            if args.peaks:
+                print_peaks(train)
             results[resolution] = train
         if "infer" in parts:
             print_infer({mode: _spawn(args, "infer", mode, resolution) for mode in ("base", "unmerged", "merged")})
@@ -282,6 +305,16 @@ def print_breakdown(train: dict) -> None:
     for group in groups:
         print(f"| {group} | " + " | ".join(str((r["breakdown_mb"] or {}).get(group, 0)) for r in train.values()) + " |")
     print("| **total** | " + " | ".join(str(sum((r["breakdown_mb"] or {}).values())) for r in train.values()) + " |")
+
+
+def print_peaks(train: dict) -> None:
+    print("\ntransient peak of the first step per component (MB above the level at its entry / absolute peak):\n")
+    print("| component | " + " | ".join(train) + " |\n|---|" + "---:|" * len(train))
+    labels = list(dict.fromkeys(label for r in train.values() for label, *_ in r["peaks_mb"] or []))
+    for label in labels:
+        cells = [next((f"{a:,} / {b:,}" for name, a, b in r["peaks_mb"] or [] if name == label), "-")
+                 for r in train.values()]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def print_infer(infer: dict) -> None:
