@@ -15,7 +15,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel
 from torch import nn
 
-from sam3_lora.checkpoint_io import atomic_path, read_model_config, save_stock_checkpoint
+from sam3_lora.checkpoint_io import atomic_path, read_model_config, readable_version, save_stock_checkpoint
 from sam3_lora.lora import inject_lora
 from sam3_lora.model import build_sam3
 
@@ -49,7 +49,7 @@ def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
     Raises:
         FileNotFoundError: a file of the adapter directory is missing.
     """
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = readable_version(adapter_dir)
     missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"{adapter_dir} is not a complete sam3-lora adapter directory: missing "
@@ -106,6 +106,7 @@ def load_adapter(model: PeftModel, adapter_dir: str | Path, model_config: dict) 
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    adapter_dir = readable_version(adapter_dir)
     adapter_config, stored_config = read_adapter_dir(adapter_dir)
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     expected = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
@@ -130,6 +131,7 @@ def build_adapted_model(adapter_dir: str | Path, base_checkpoint: str | None = N
     Returns:
         (the adapted model, the model config it was built with).
     """
+    adapter_dir = readable_version(adapter_dir)
     _, model_config = read_adapter_dir(adapter_dir)
     if base_checkpoint is not None:
         model_config = {**model_config, "checkpoint": base_checkpoint}

@@ -71,6 +71,18 @@ def previous_version_path(final: str | os.PathLike) -> Path:
     return final.parent / f".{final.name}.previous"
 
 
+def readable_version(final: str | os.PathLike) -> Path:
+    """The complete version of a directory `atomic_path` writes, for readers: `final`, or the previous version
+    when a writer was killed exactly between its two renames (readers never move anything: a live writer may be
+    mid-swap; the next write repairs the folder)."""
+    final, aside = Path(final), previous_version_path(final)
+    if not final.exists() and aside.is_dir():
+        log.warning("reading %s: %s is missing because a write was interrupted between its two renames (the next "
+                    "write restores it; `mv %s %s` does it now)", aside, final, aside, final)
+        return aside
+    return final
+
+
 def recover_interrupted_write(final: str | os.PathLike) -> None:
     """Repair what a process killed in the middle of `atomic_path`'s directory swap left behind.
 

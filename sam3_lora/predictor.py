@@ -22,6 +22,7 @@ from sam3.train.data.collator import collate_fn_api
 
 from sam3_lora import compat
 from sam3_lora.adapter import read_adapter_dir
+from sam3_lora.checkpoint_io import readable_version
 from sam3_lora.data.images import read_image_rgb
 from sam3_lora.data.transforms import eval_image_tensor
 from sam3_lora.evaluation.postprocess import final_predictions, predictions_to_coco
@@ -66,6 +67,7 @@ class Sam3Predictor:
         if name in self.adapters or not name.isidentifier():
             raise ValueError(f"adapter name {name!r} is {'taken' if name in self.adapters else 'not an identifier'}: "
                              "use a unique name of letters, digits and _")
+        adapter_dir = readable_version(adapter_dir)
         _, model_config = read_adapter_dir(adapter_dir)
         self._check_dimensions(name, adapter_dir, model_config)
         config = LoraConfig.from_pretrained(str(adapter_dir))

@@ -124,3 +124,21 @@ def test_corrupted_tensor_shapes_are_listed(saved_adapter, tiny_config):
 def test_build_adapted_model_needs_no_run_config(saved_adapter):
     model, _ = adapter.build_adapted_model(saved_adapter)
     assert lora.adapter_summary(model)["adapted_modules"]["vision"] == 2 * 4
+
+
+def test_adapter_readers_use_the_previous_version_left_by_a_kill_between_renames(config_with_base_file, batch,
+                                                                                 tmp_path, caplog):
+    from sam3_lora.checkpoint_io import previous_version_path
+    from sam3_lora.predictor import Sam3Predictor
+
+    model = adapted(config_with_base_file)
+    perturb_lora(model)
+    expected = final_outputs(model, batch)
+    out = adapter.save_adapter(model, tmp_path / "adapter", config_with_base_file)
+    out.rename(previous_version_path(out))  # what a kill between atomic_path's two renames leaves (test_atomic)
+    rebuilt, _ = adapter.build_adapted_model(out)
+    assert_same(final_outputs(rebuilt, batch), expected)
+    assert "interrupted between its two renames" in caplog.text
+    predictor = Sam3Predictor(config_with_base_file["checkpoint"], device="cpu").add_adapter("only", out)
+    assert predictor.adapters == {"only": previous_version_path(out)}
+    assert not out.exists()  # readers never move a folder a live writer may be swapping
