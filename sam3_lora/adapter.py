@@ -157,9 +157,10 @@ def export_stock_checkpoint(model: nn.Module, model_config: dict, out_path: str 
     return Path(out_path)
 
 
-def export_merged(adapter_dir: str | Path, out_path: str | Path) -> Path:
-    """Rebuild an adapter directory's model and write it as a stock SAM3 checkpoint (`export_stock_checkpoint`)."""
-    model, model_config = build_adapted_model(adapter_dir)
+def export_merged(adapter_dir: str | Path, out_path: str | Path, base_checkpoint: str | None = None) -> Path:
+    """Rebuild an adapter directory's model (on `base_checkpoint` when given, else the stored base) and write it
+    as a stock SAM3 checkpoint (`export_stock_checkpoint`)."""
+    model, model_config = build_adapted_model(adapter_dir, base_checkpoint)
     return export_stock_checkpoint(model, model_config, out_path)
 
 

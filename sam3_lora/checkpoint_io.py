@@ -145,9 +145,9 @@ def resolve_checkpoint(checkpoint: str | None) -> str | None:
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"model.checkpoint={checkpoint}: no such file. Pass a local SAM3 checkpoint (sam3.pt) or transformers "
-            "Sam3Model directory, "
-            "model.checkpoint=hub to download facebook/sam3, or model.checkpoint=null for random init"
+            f"base checkpoint {checkpoint}: no such file. Give a local SAM3 checkpoint (sam3.pt) or transformers "
+            "Sam3Model directory, or hub to download facebook/sam3 (train.py: model.checkpoint=...; "
+            "sam3-lora predict/export: --checkpoint ...)"
         )
     return str(path)
 
@@ -159,10 +159,11 @@ def _download_from_hub() -> str:
         return download_ckpt_from_hf()
     except Exception as err:  # huggingface_hub raises many types: connection, gated repo, auth
         raise RuntimeError(
-            "model.checkpoint=hub: could not download facebook/sam3 "
+            "base checkpoint 'hub': could not download facebook/sam3 "
             f"({type(err).__name__}: {err}). The repository is gated: accept its licence on "
             "huggingface.co, run `huggingface-cli login`, check the network, or download sam3.pt "
-            "yourself and pass model.checkpoint=/path/to/sam3.pt"
+            "yourself and give its path instead of hub (train.py: model.checkpoint=/path/to/sam3.pt; "
+            "sam3-lora predict/export/doctor: --checkpoint /path/to/sam3.pt)"
         ) from err
 
 

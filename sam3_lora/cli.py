@@ -12,6 +12,13 @@ from sam3_lora.entry import expected_failure, failure_message, silence_known_war
 
 
 def _export(args: argparse.Namespace) -> int:
+    from sam3_lora.predict_cli import adapter_base_checkpoint
+
+    if args.checkpoint is not None and args.base is not None:
+        raise ValueError("sam3-lora export: --base already names the base the adapter is merged into; drop "
+                         "--checkpoint")
+    base_checkpoint = adapter_base_checkpoint(args.adapter_dir, args.checkpoint, "export") if args.base is None \
+        else None
     if args.format == "transformers":
         from sam3_lora.transformers_format import export_transformers
 
@@ -19,7 +26,7 @@ def _export(args: argparse.Namespace) -> int:
             raise ValueError("export --base writes a full sam3 checkpoint (tracker included); transformers' "
                              "Sam3Model is the image model only: drop --base or --format transformers")
 
-        out = export_transformers(args.adapter_dir, args.out)
+        out = export_transformers(args.adapter_dir, args.out, base_checkpoint)
         print(f"wrote transformers Sam3Model directory {out} (Sam3Model / Sam3Processor.from_pretrained load it)")
         return 0
     if args.base is not None:
@@ -36,7 +43,7 @@ def _export(args: argparse.Namespace) -> int:
                                 f"path such as {Path(args.out) / 'sam3_lora.pt'}")
     from sam3_lora.adapter import export_merged
 
-    out = export_merged(args.adapter_dir, args.out)
+    out = export_merged(args.adapter_dir, args.out, base_checkpoint)
     print(f"wrote stock SAM3 checkpoint {out} (keys detector.*; build_sam3_image_model(checkpoint_path=...) loads it)")
     return 0
 
@@ -112,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", default=None,
                         help="full SAM3 checkpoint (path | hub | builtin:tiny): write a full checkpoint, the adapter "
                              "merged into this base's detector and its tracker.* weights copied (video model)")
+    export.add_argument("--checkpoint", default=None,
+                        help="the adapter's base SAM3 weights (path | hub | builtin:tiny) when they moved since "
+                             "training (default: the path stored in the adapter)")
     export.add_argument("--image-only", action="store_true",
                         help="with --base: accept a base without tracker.* weights (image model only)")
     export.set_defaults(func=_export)

@@ -105,7 +105,7 @@ def predict_main(args: argparse.Namespace) -> int:
     from sam3_lora.predict import find_images, move_model, predict_images
 
     image_paths = find_images(inputs)
-    base_checkpoint = _adapter_base_checkpoint(source, args.checkpoint) if source is not None else None
+    base_checkpoint = adapter_base_checkpoint(source, args.checkpoint) if source is not None else None
     model, config = load_model_for_inference(source, _model_config(args), base_checkpoint=base_checkpoint)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = move_model(model, device).eval()
@@ -131,7 +131,7 @@ def _check_prompts(args: argparse.Namespace) -> None:
                          "--prompt \"crack\" (or exemplar boxes with --box)")
 
 
-def _adapter_base_checkpoint(source: str, checkpoint: str | None) -> str | None:
+def adapter_base_checkpoint(source: str, checkpoint: str | None, command: str = "predict") -> str | None:
     """The base checkpoint to build an adapter directory on: --checkpoint, or None for the stored one.
 
     Raises:
@@ -140,11 +140,11 @@ def _adapter_base_checkpoint(source: str, checkpoint: str | None) -> str | None:
     """
     if not Path(source).is_dir():
         if checkpoint is not None:
-            raise ValueError(f"sam3-lora predict: {source} is a merged checkpoint (no separate base): drop "
+            raise ValueError(f"sam3-lora {command}: {source} is a merged checkpoint (no separate base): drop "
                              "--checkpoint, or pass an adapter directory")
         return None
     if checkpoint is not None and checkpoint.lower() == "none":
-        raise ValueError("sam3-lora predict: --checkpoint none (random init) cannot carry an adapter; give the "
+        raise ValueError(f"sam3-lora {command}: --checkpoint none (random init) cannot carry an adapter; give the "
                          "base checkpoint it was trained on")
     if checkpoint is not None:
         return checkpoint

@@ -167,11 +167,12 @@ def _require_transformers() -> None:
                           "pip install -e \".[transformers]\"") from err
 
 
-def export_transformers(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Rebuild an adapter directory's model, merge its LoRA and write it as a transformers `Sam3Model` directory."""
+def export_transformers(adapter_dir: str | Path, out_dir: str | Path, base_checkpoint: str | None = None) -> Path:
+    """Rebuild an adapter directory's model (on `base_checkpoint` when given, else the stored base), merge its
+    LoRA and write it as a transformers `Sam3Model` directory."""
     from sam3_lora.adapter import build_adapted_model, merge_adapter
 
-    model, model_config = build_adapted_model(adapter_dir)
+    model, model_config = build_adapted_model(adapter_dir, base_checkpoint)
     return save_transformers(merge_adapter(model).state_dict(), model_config, out_dir)
 
 

@@ -188,6 +188,16 @@ def test_moved_base_names_it_and_checkpoint_points_the_adapter_at_the_new_place(
     assert f"  'red circle': {counts['red circle']}\n  'blue square': {counts['blue square']}" in printed
 
 
+def test_export_of_an_adapter_whose_base_moved_takes_checkpoint(moved_base, tmp_path, capsys):
+    adapter_dir, old, moved = moved_base
+    assert main(["export", str(adapter_dir), str(tmp_path / "a.pt")]) == 1
+    message = _error(capsys)
+    assert f"trained on the base checkpoint {old}, which no longer exists" in message and "--checkpoint" in message
+    assert main(["export", str(adapter_dir), str(tmp_path / "b.pt"), "--checkpoint", str(moved)]) == 0
+    stored = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert stored["model_config"]["checkpoint"] == str(moved) and not (tmp_path / "a.pt").exists()
+
+
 def test_unreachable_hub_is_one_message(images, tmp_path, monkeypatch, capsys):
     import sam3.model_builder
 
@@ -198,7 +208,7 @@ def test_unreachable_hub_is_one_message(images, tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.json").write_text(json.dumps(tiny_model_config()))
     assert main(["predict", "--base", str(images), "--prompt", "crack", "--checkpoint", "hub", "--model-config",
                  str(tmp_path / "tiny.json"), "--out", str(tmp_path / "out")]) == 1
-    assert "model.checkpoint=hub: could not download facebook/sam3 (ConnectionError: no network)" in _error(capsys)
+    assert "base checkpoint 'hub': could not download facebook/sam3 (ConnectionError: no network)" in _error(capsys)
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

@@ -113,7 +113,7 @@ def test_other_resolution_drops_rope_tables(tiny_config, tmp_path):
 
 
 def test_missing_checkpoint_path_says_what_to_do():
-    with pytest.raises(FileNotFoundError, match="model.checkpoint=hub"):
+    with pytest.raises(FileNotFoundError, match="no such file.*hub to download.*model.checkpoint=.*--checkpoint"):
         resolve_checkpoint("/nonexistent/sam3.pt")
 
 
