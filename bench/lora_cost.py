@@ -123,7 +123,7 @@ def worker_train(args) -> dict:
     prompts = min(args.prompts, cfg.data.max_queries_per_image or args.prompts)
     batch = _to(crowded_batch(args.resolution, args.images, prompts, args.instances), device)
     autocast = "bf16" in str(cfg.trainer.precision)
-    times, breakdown, peaks = [], None, None
+    times, breakdown, peaks, first_step_peak_mb = [], None, None, 0.0
     _reset_peak(device)
     for step in range(args.warmup + args.steps):
         ledger = SavedTensorLedger(model) if args.breakdown and step == 0 else None
@@ -147,10 +147,12 @@ def worker_train(args) -> dict:
             breakdown = {k: round(v / 2**20) for k, v in ledger.by_group(sam3_group).items()}
         if meter is not None:
             peaks = [[label, round(above), round(absolute)] for label, above, absolute in meter.rows()]
+            first_step_peak_mb = meter.overall / 2**20
         del out, loss
     measured = sorted(times[args.warmup:])
     total = sum(p.numel() for p in model.parameters())
-    return {"step_s": measured[len(measured) // 2], "peak_mb": _peak_mb(device),
+    peak_mb = max(_peak_mb(device), first_step_peak_mb)  # the meter resets VmHWM during the first step
+    return {"step_s": measured[len(measured) // 2], "peak_mb": peak_mb,
             "trainable": sum(p.numel() for p in trainable), "total": total, "prompts": prompts,
             "malloc_tuned": malloc, "breakdown_mb": breakdown, "peaks_mb": peaks, "overrides": mode_overrides(args.mode)}
 
