@@ -42,6 +42,8 @@ MODES = {
     "caps": ["data.max_queries_per_image=2"],
     "no_ckpt": ["model.activation_checkpointing=false"],
     "ckpt": ["model.activation_checkpointing=true"],
+    "fused": ["model.attention_dropout=0.0"],  # attention runs fused on CPU (no dropout on its probabilities)
+    "full_fused": ["lora=full", "model.attention_dropout=0.0"],
 }
 LAST_N = re.compile(r"last(\d+)$")
 

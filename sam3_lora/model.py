@@ -148,6 +148,7 @@ def build_sam3(
     heads: int = 8,
     ffn_dim: int = 2048,
     dropout: float = 0.1,
+    attention_dropout: float | None = None,
     encoder_layers: int = 6,
     decoder_layers: int = 6,
     num_queries: int = 200,
@@ -165,6 +166,8 @@ def build_sam3(
         activation_checkpointing: recompute activations in the ViT, text encoder, geometry encoder and
             mask head (the DETR encoder/decoder always checkpoint: sam3 asserts it while training).
         segmentation: build the mask head (pixel decoder + mask predictor).
+        attention_dropout: dropout on the attention probabilities of the DETR, geometry encoder and mask head
+            attention; None = `dropout` (Meta's). 0 lets attention run fused (see `set_attention_dropout`).
         Other arguments: sizes of sam3's components; the defaults are the official architecture.
 
     Returns:
@@ -186,11 +189,31 @@ def build_sam3(
         use_instance_query=False, multimask_output=True, inst_interactive_predictor=None,
         use_act_checkpoint_seg_head=activation_checkpointing, matcher=build_matcher(),
     )
+    if attention_dropout is not None:
+        set_attention_dropout(model, attention_dropout)
     if checkpoint is None:
         init_uninitialised_text_parameters(model)
     else:
         load_base_weights(model, checkpoint)
     return model.train()
+
+
+def set_attention_dropout(model: Sam3Image, p: float) -> int:
+    """Set the attention-probability dropout of every `nn.MultiheadAttention` after the ViT; returns how many.
+
+    Why it is a memory setting: PyTorch's fused CPU attention kernel has no dropout, so with p > 0 scaled dot-product
+    attention falls back to its math path and keeps batch x heads x L x L probabilities and their dropout mask: for
+    the DETR encoder's self-attention over 5,184 image tokens at 1008 px with 4 prompts, a 10 GB transient
+    (`bench/lora_cost.py --peaks`). The residual dropouts (`dropout`) are untouched.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"model.attention_dropout={p} must be in [0, 1)")
+    parts = [model.transformer, model.geometry_encoder, model.segmentation_head]
+    attentions = [m for part in parts if part is not None for m in part.modules()
+                  if isinstance(m, nn.MultiheadAttention)]
+    for attention in attentions:
+        attention.dropout = p
+    return len(attentions)
 
 
 def _check_sizes(resolution, patch_size, vit_heads, vit_dim, vit_depth, global_blocks, d_model, num_queries):

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_BACKBONE = "backbone.vision_backbone."
 # Model-config keys that may differ between adapters sharing a base (where the weights come from, not sizes).
-NOT_DIMENSIONS = {"checkpoint", "bpe_path", "activation_checkpointing", "dropout", "drop_path"}
+NOT_DIMENSIONS = {"checkpoint", "bpe_path", "activation_checkpointing", "dropout", "attention_dropout", "drop_path"}
 
 
 class Sam3Predictor:

@@ -230,6 +230,7 @@ def test_preset_lean_composes_with_overrides_and_learns():
     assert cfg.lora.rank == 4 and cfg.model.activation_checkpointing is False  # command line wins
     assert cfg.lora.frozen_dtype == "bfloat16" and cfg.module.mask_loss_points == 12544
     assert cfg.trainer.precision == "bf16-mixed" and cfg.lora.vision_last_blocks == 8
+    assert cfg.model.attention_dropout == 0.0
     model = build_model(cfg)  # 8 >= the tiny ViT's 2 blocks: every block adapted
     lora_tensors = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora_tensors and all(p.dtype == torch.float32 for p in lora_tensors)
@@ -257,3 +258,36 @@ def test_glibc_malloc_tuning_applies_unless_the_environment_decides(monkeypatch)
     assert memory.tune_glibc_malloc() == (platform.libc_ver()[0] == "glibc")  # mallopt returned success
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert memory.tune_glibc_malloc() is False  # the user's environment wins
+
+
+# ----- attention dropout (model.attention_dropout) ---------------------------------------------------------------
+def _unmasked_math_attention(model) -> int:
+    """Calls of the unfused (math) attention path without an attention mask in one training step of `model`.
+
+    Masked calls are the DETR decoder's cross-attention with its box relative-position bias (a dense bias the fused
+    CPU kernel does not take, queries x image tokens: small); unmasked ones are the image-token attention."""
+    from torch.profiler import profile
+
+    loss_fn = build_sam3_loss(with_masks=True)
+    with profile(record_shapes=True) as prof:
+        _losses(model, make_batch(), loss_fn)["core_loss"].backward()
+    math = [e for e in prof.events() if e.name == "aten::_scaled_dot_product_attention_math"]
+    return sum(1 for e in math if len(e.input_shapes) < 4 or not e.input_shapes[3])
+
+
+@pytest.mark.parametrize("attention_dropout", [None, 0.0])
+def test_attention_dropout_zero_runs_attention_fused_and_keeps_residual_dropout(attention_dropout):
+    torch.manual_seed(0)
+    model = build_sam3(**tiny_model_config(dropout=0.1, attention_dropout=attention_dropout))
+    attentions = [m for m in model.transformer.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attentions and {m.dropout for m in attentions} == {0.1 if attention_dropout is None else 0.0}
+    assert model.transformer.encoder.layers[0].dropout1.p == 0.1  # residual dropout stays Meta's
+    # dropout on the probabilities sends CPU attention to the math path (batch x heads x L^2 kept: 10 GB for the
+    # DETR encoder's self-attention at 1008 px); without it no unmasked attention runs unfused
+    unfused = _unmasked_math_attention(model)
+    assert (unfused > 0) == (attention_dropout is None), unfused
+
+
+def test_attention_dropout_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match=r"model.attention_dropout=1.0 must be in \[0, 1\)"):
+        build_sam3(**tiny_model_config(attention_dropout=1.0))
