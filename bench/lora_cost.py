@@ -290,7 +290,10 @@ def report(args) -> None:
 
 
 def print_train(train: dict, images: int) -> None:
-    full = train.get("full")
+    reference = next((mode for mode in ("full", "full_fused") if mode in train), None)
+    full = train.get(reference)
+    if full:
+        print(f"\n× full: ratios to `{reference}`")
     print("\n| mode | overrides | trainable | trainable % | s/step | images/s | × full | peak MB | × full |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in train.items():
