@@ -174,11 +174,13 @@ def load_model_for_inference(source: str | None, model_config: dict | None = Non
         base_checkpoint: for an adapter directory, the base to build on instead of the stored one.
 
     Returns:
-        (model in eval mode, the model config it was built with).
+        (model in eval mode — a plain SAM3, an adapter merged into it —, the model config it was built with).
     """
     if source is not None and Path(source).is_dir():
         model, config = build_adapted_model(source, base_checkpoint)
-        return model.eval(), config
+        # merged: the adapted weights computed once, not a low-rank product per layer per call (CPU at 504 px:
+        # unmerged 1.13x the base's time, merged 0.96x; README "Inference")
+        return merge_adapter(model).eval(), config
     config = dict(model_config or {})
     if source is not None:
         config = {**(read_model_config(source) or config), "checkpoint": str(source)}

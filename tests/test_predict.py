@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from PIL import Image as PILImage
 from pycocotools import mask as mask_util
 
@@ -132,6 +133,9 @@ def test_overlays_are_pngs_of_each_input_size_and_json_is_written(adapter_and_me
 
 def test_adapter_dir_and_merged_checkpoint_predict_the_same(adapter_and_merged, shapes, tmp_path):
     adapter_dir, merged, config = adapter_and_merged
+    loaded, _ = adapter.load_model_for_inference(str(adapter_dir))
+    # predict runs the adapter merged (no per-call low-rank products): a plain SAM3 without PEFT layers
+    assert not isinstance(loaded, PeftModel) and not any("lora_" in name for name, _ in loaded.named_parameters())
     from_adapter = run_predict(adapter.load_model_for_inference(str(adapter_dir))[0], shapes, tmp_path / "a")
     from_merged = run_predict(adapter.load_model_for_inference(str(merged))[0], shapes, tmp_path / "m")
     assert_same_detections(keyed(from_adapter), keyed(from_merged))
