@@ -67,7 +67,36 @@ def _unread_keys(cfg: DictConfig) -> list[str]:
                 problems += _unread_in_node(node._get_node(name), f"{key}.{name}")
         elif isinstance(node, DictConfig) and "_target_" in node:
             problems += _unread_in_node(node, key)
+        elif isinstance(node, DictConfig) and not node._is_none():
+            problems += _unread_in_plain_node(node, key, cfg)
     return problems
+
+
+# plain nodes whose entries override another node's keys (retention.data = overrides of `data`)
+OVERRIDES_OF = {"retention.data": "data"}
+
+
+def _unread_in_plain_node(node: DictConfig, where: str, cfg: DictConfig) -> list[str]:
+    """Keys of a node without `_target_` (e.g. `retention`) that conf/train.yaml does not define there.
+
+    Hydra's struct mode refuses `retention.x=1`, but `+retention.x=1` would still add a key nothing reads."""
+    source = OVERRIDES_OF.get(where)
+    known = OmegaConf.select(cfg, source) if source else OmegaConf.select(_train_yaml(), where)
+    if not isinstance(known, DictConfig):
+        return []
+    problems = []
+    for key in node:
+        child = node._get_node(key)
+        if key not in known and key not in HYDRA_KEYS:
+            problems.append(f"'{where}.{key}': no code reads it ({'keys of ' + source if source else 'known'}: "
+                            f"{sorted(k for k in known if k not in HYDRA_KEYS)})")
+        elif isinstance(child, DictConfig) and not child._is_none() and "_target_" not in child:
+            problems += _unread_in_plain_node(child, f"{where}.{key}", cfg)
+    return problems
+
+
+def _train_yaml() -> DictConfig:
+    return OmegaConf.load(CONF_DIR / "train.yaml")
 
 
 def _unread_in_node(node: Any, where: str) -> list[str]:

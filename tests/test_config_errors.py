@@ -55,6 +55,14 @@ def test_misspelled_key_in_a_group_names_the_key_and_the_target(shapes_root, tmp
     assert "'module.learning_rate'" in message
 
 
+def test_added_key_in_a_plain_node_is_an_error_and_retention_data_takes_data_keys(shapes_root, tmp_path,
+                                                                                 no_model_build):
+    message = _error(shapes_root, tmp_path, "+retention.fp_treshold=0.3", "+retention.data.batchsize=2")
+    assert "'retention.fp_treshold': no code reads it" in message and "fp_threshold" in message
+    assert "'retention.data.batchsize': no code reads it (keys of data:" in message
+    check_config(compose_config(shapes_root, tmp_path, ["+retention.data.batch_size=2", "retention.negatives=false"]))
+
+
 def test_appended_callback_with_its_arguments_passes(shapes_root, tmp_path):
     cfg = compose_config(shapes_root, tmp_path, ["+callbacks.x._target_=tests.train_helpers.StopAfterEpoch",
                                                  "+callbacks.x.epoch=0"])
