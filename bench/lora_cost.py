@@ -70,24 +70,6 @@ def compose_config(model: str, resolution: int, overrides: list[str], precision:
         return compose(config_name="train", overrides=base + overrides)
 
 
-def _reset_peak(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-
-
 def _allocate_optimizer_state(optimizer, parameters) -> None:
     import torch
 
@@ -101,7 +83,7 @@ def worker_train(args) -> dict:
     import torch
 
     from crowded_batch import crowded_batch
-    from transient_peaks import TransientPeaks
+    from transient_peaks import MemoryProbe, TransientPeaks
     from sam3_lora.losses import build_sam3_loss
     from sam3_lora.memory import SavedTensorLedger, sam3_group, tune_glibc_malloc
     from sam3_lora.compat import clear_cached_devices
@@ -126,18 +108,19 @@ def worker_train(args) -> dict:
     batch = _to(crowded_batch(args.resolution, args.images, prompts, args.instances), device)
     autocast = "bf16" in str(cfg.trainer.precision)
     times, breakdown, peaks, first_step_peak_mb = [], None, None, 0.0
-    _reset_peak(device)
+    probe = MemoryProbe(device)
+    probe.reset_peak()
     for step in range(args.warmup + args.steps):
-        ledger = SavedTensorLedger(model) if args.breakdown and step == 0 else None
+        ledger = SavedTensorLedger(model) if args.breakdown and step == 0 else contextlib.nullcontext()
         meter = TransientPeaks(sam3_components(sam3), device) if args.peaks and step == 0 else None
+        phase = meter.phase if meter else (lambda label: contextlib.nullcontext())
         start = time.perf_counter()
-        with (meter.watching() if meter else contextlib.nullcontext()):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                with ledger or contextlib.nullcontext():
-                    out = model(batch)
-                    with (meter.phase("loss") if meter else contextlib.nullcontext()):
-                        loss = loss_fn(out, [sam3.back_convert(t) for t in batch.find_targets])["core_loss"]
-            with (meter.phase("backward") if meter else contextlib.nullcontext()):
+        with meter.watching() if meter else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), ledger:
+                out = model(batch)
+                with phase("loss"):
+                    loss = loss_fn(out, [sam3.back_convert(t) for t in batch.find_targets])["core_loss"]
+            with phase("backward"):
                 loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 0.1)
         optimizer.step()
@@ -145,7 +128,7 @@ def worker_train(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        if ledger is not None:
+        if isinstance(ledger, SavedTensorLedger):
             breakdown = {k: round(v / 2**20) for k, v in ledger.by_group(sam3_group).items()}
         if meter is not None:
             peaks = [[label, round(above), round(absolute)] for label, above, absolute in meter.rows()]
@@ -153,7 +136,7 @@ def worker_train(args) -> dict:
         del out, loss
     measured = sorted(times[args.warmup:])
     total = sum(p.numel() for p in model.parameters())
-    peak_mb = max(_peak_mb(device), first_step_peak_mb)  # the meter resets VmHWM during the first step
+    peak_mb = max(probe.peak() / 2**20, first_step_peak_mb)  # the meter resets the peak during the first step
     return {"step_s": measured[len(measured) // 2], "peak_mb": peak_mb,
             "trainable": sum(p.numel() for p in trainable), "total": total, "prompts": prompts,
             "malloc_tuned": malloc, "breakdown_mb": breakdown, "peaks_mb": peaks, "overrides": mode_overrides(args.mode)}

@@ -50,7 +50,7 @@ def check_config(cfg: DictConfig) -> None:
 # ----- keys nothing reads ----------------------------------------------------------------------------------------
 def allowed_top_level_keys() -> set[str]:
     """Keys of conf/train.yaml and the names of its config groups."""
-    train = OmegaConf.load(CONF_DIR / "train.yaml")
+    train = _train_yaml()
     # groups with a null default (experiment, debug, ...) are `@package _global_` overlays, not keys
     groups = {k for d in train.get("defaults", []) if isinstance(d, (dict, DictConfig)) for k, v in d.items()
               if v is not None}
