@@ -16,7 +16,7 @@ from sam3_lora.train import run  # noqa: E402
 
 log = logging.getLogger("train")
 # Input side from which glibc's fixed malloc thresholds pay off: big activations go back to the OS when freed
-# (peak RSS 19.8 -> 13.0 GB for a 1008 px CPU step, DESIGN §4); below it they only add mmap/munmap system time.
+# (peak RSS 6.8 -> 5.7 GB for a lean 1008 px CPU step, README); below it they only add mmap/munmap system time.
 MALLOC_TUNING_MIN_RESOLUTION = 504
 
 

@@ -172,8 +172,8 @@ def tune_glibc_malloc(threshold: int = MALLOC_THRESHOLD_BYTES) -> bool:
     """Fix glibc's mmap and trim thresholds so freed activation memory returns to the OS.
 
     glibc raises its mmap threshold each time a large block is freed, after which big activations come
-    from the heap and are never given back: peak RSS of a 1008 px CPU step 19.8 GB by default, 13.0 GB with
-    the thresholds fixed (DESIGN §4), paid in system time (more mmap/munmap). Same as the environment
+    from the heap and are never given back: peak RSS of a lean 1008 px CPU step 6,772 MB by default, 5,656 MB
+    with the thresholds fixed (README, Memory presets), paid in system time (more mmap/munmap). Same as the environment
     variables `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, which win when set.
 
     Returns:
