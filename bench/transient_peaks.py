@@ -81,7 +81,7 @@ class TransientPeaks:
 
     @contextlib.contextmanager
     def phase(self, label: str):
-        self._start(label)
+        self._start()
         self._in_phase = True
         try:
             yield
@@ -91,9 +91,9 @@ class TransientPeaks:
 
     def _component(self, label: str, entering: bool) -> None:
         if not self._in_phase:
-            self._start(label) if entering else self._stop(label)
+            self._start() if entering else self._stop(label)
 
-    def _start(self, label: str) -> None:
+    def _start(self) -> None:
         self.overall = max(self.overall, self.probe.peak())  # the peak reached before this component
         self.probe.reset_peak()
         self._entry = self.probe.current()
