@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from sam3_lora import lora_mha, memory
+from sam3_lora import lora_linear, lora_mha, memory
 from sam3_lora.model import count_parameters, freeze
 
 log = logging.getLogger(__name__)
@@ -134,14 +134,19 @@ def inject_lora(base: nn.Module, lora_config: LoraConfig, adapter_name: str = "d
 
     The single place a PEFT model is created (training build and adapter rebuild), so every path gets
     the same layers for the same config. `nn.MultiheadAttention` targets get `lora_mha`'s layer, which
-    means W + ΔW for in_proj and out_proj (PEFT 0.21's own layer counts out_proj's ΔW twice).
+    means W + ΔW for in_proj and out_proj (PEFT 0.21's own layer counts out_proj's ΔW twice); `nn.Linear`
+    targets get `lora_linear`'s, which adds the low-rank update in place (PEFT's values, fewer temporaries).
     Given a `PeftModel`, adds `adapter_name` beside its adapters (PEFT's `add_adapter`; several adapters
     on one base, `sam3_lora.predictor`).
     """
     if isinstance(base, PeftModel):
-        base.add_adapter(adapter_name, lora_mha.register(lora_config))
+        base.add_adapter(adapter_name, _with_our_layers(lora_config))
         return base
-    return get_peft_model(freeze(base), lora_mha.register(lora_config), adapter_name=adapter_name)
+    return get_peft_model(freeze(base), _with_our_layers(lora_config), adapter_name=adapter_name)
+
+
+def _with_our_layers(lora_config: LoraConfig) -> LoraConfig:
+    return lora_linear.register(lora_mha.register(lora_config))
 
 
 def _train_modules_fully(model: nn.Module, modules_to_save: list[str]) -> nn.Module:
