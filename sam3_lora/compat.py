@@ -170,16 +170,33 @@ def video_inference_on_this_machine(video_model) -> Iterator[None]:
     from sam3.perflib import connected_components as cc
 
     tracker = video_model.tracker
-    original_init, original_cuda, original_cc = tracker.init_state, torch.Tensor.cuda, cc.connected_components_cpu
+    original_init, original_cc = tracker.init_state, cc.connected_components_cpu
     tracker.init_state = functools.partial(original_init, offload_state_to_cpu=True)
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     cc.connected_components_cpu = _connected_components_cv2
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with tensor_cuda_is_a_no_op(), torch.autocast("cpu", dtype=torch.bfloat16):
             yield
     finally:
         del tracker.init_state
-        torch.Tensor.cuda, cc.connected_components_cpu = original_cuda, original_cc
+        cc.connected_components_cpu = original_cc
+
+
+@contextlib.contextmanager
+def tensor_cuda_is_a_no_op() -> Iterator[None]:
+    """Inside the block, on a machine without CUDA, `Tensor.cuda()` returns the tensor itself.
+
+    sam3/model/sam3_tracker_base.py:657,664 (memory of past frames) and sam3_tracking_predictor.py:1026 call it
+    unconditionally; with CUDA the block changes nothing.
+    """
+    if has_cuda():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
 
 
 def apply() -> None:
