@@ -122,12 +122,14 @@ def build_tracker(resolution: int, patch_size: int, d_model: int, memory_dim: in
 
 
 def tracker_sizes(model_config: dict) -> dict:
-    """Tracker sizes for a model config: the official ones at d_model 256, scaled by d_model/256 below it."""
+    """Tracker sizes for a model config: the official ones at d_model 256; below it the FFN scales with d_model
+    and memory attention keeps 2 layers and at least 32 memory channels (the tiny tracker, d_model 64, with 1 layer
+    and 16 channels learned to segment one salient shape, not to keep two apart: `sam3_lora.tiny_tracker`)."""
     d_model = model_config.get("d_model", 256)
     scale = d_model / 256
-    return {"memory_dim": max(8, int(OFFICIAL_TRACKER["memory_dim"] * scale)),
+    return {"memory_dim": max(32, int(OFFICIAL_TRACKER["memory_dim"] * scale)),
             "ffn_dim": max(d_model, int(OFFICIAL_TRACKER["ffn_dim"] * scale)),
-            "layers": OFFICIAL_TRACKER["layers"] if d_model >= 256 else 1,
+            "layers": OFFICIAL_TRACKER["layers"] if d_model >= 256 else 2,
             "num_maskmem": OFFICIAL_TRACKER["num_maskmem"]}
 
 
