@@ -16,6 +16,10 @@ Before the timed steps the optimiser state is allocated (one AdamW step with zer
 `--warmup 0 --steps 1` measures a steady-state step (full fine-tuning's 2 x 4 bytes per parameter included).
 Workers apply the project's glibc malloc settings (`sam3_lora.memory.tune_glibc_malloc`, as train.py) unless
 `--malloc default`.
+
+`--parts infer` times no-grad forwards of the base, the unmerged default LoRA and the merged export (one process
+each), then the unmerged model with its adapters off (PEFT's `disable_adapter`) and on, alternating in one
+process, so the machine's drift between processes cancels out of that ratio.
 """
 
 from __future__ import annotations
@@ -160,16 +164,30 @@ def worker_infer(args) -> dict:
         model = _reload_merged(merge_adapter(model), cfg)
     model = model.to(device).eval()
     batch = _to(crowded_batch(args.resolution, args.images, args.prompts, args.instances), device)
-    times = []
-    with torch.no_grad():
+    if args.mode == "interleaved":  # the same model with adapters off / on, alternating: machine drift cancels
+        times = {"adapters_off": [], "unmerged": []}
         for _ in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            model(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    measured = sorted(times[args.warmup:])
-    return {"infer_s": measured[len(measured) // 2]}
+            with model.disable_adapter():
+                times["adapters_off"].append(_timed_forward(model, batch, device))
+            times["unmerged"].append(_timed_forward(model, batch, device))
+        return {mode: _median(t[args.warmup:]) for mode, t in times.items()}
+    times = [_timed_forward(model, batch, device) for _ in range(args.warmup + args.steps)]
+    return {"infer_s": _median(times[args.warmup:])}
+
+
+def _timed_forward(model, batch, device) -> float:
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _reload_merged(merged, cfg):
@@ -266,6 +284,7 @@ def report(args) -> None:
             results[resolution] = train
         if "infer" in parts:
             print_infer({mode: _spawn(args, "infer", mode, resolution) for mode in ("base", "unmerged", "merged")})
+            print_interleaved(_spawn(args, "infer", "interleaved", resolution))
     if args.json:
         flat = {r: {m: {k: v[k] for k in ("step_s", "peak_mb", "trainable")} for m, v in t.items()}
                 for r, t in results.items()}
@@ -305,6 +324,12 @@ def print_peaks(train: dict) -> None:
         cells = [next((f"{a:,} / {b:,}" for name, a, b in r["peaks_mb"] or [] if name == label), "-")
                  for r in train.values()]
         print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def print_interleaved(result: dict) -> None:
+    print("\nsame process, the unmerged model with adapters off (PEFT's disable_adapter) and on, alternating:\n")
+    print(f"| adapters off | unmerged | × off |\n|---:|---:|---:|\n| {result['adapters_off']:.4f} | "
+          f"{result['unmerged']:.4f} | {result['unmerged'] / result['adapters_off']:.3f} |")
 
 
 def print_infer(infer: dict) -> None:

@@ -57,3 +57,14 @@ def test_lora_cost_peaks_table_at_tiny_size(tmp_path):
     absolute_peaks = [float(cell.split("/")[1].replace(",", "")) for cell in re.findall(r"\| ([\d,]+ / [\d,]+) \|", table)]
     # the step's reported peak includes every component's (the meter's resets must not hide them)
     assert len(absolute_peaks) >= 6 and json.loads(out.read_text())["lora"]["peak_mb"] >= max(absolute_peaks) - 1
+
+
+def test_lora_cost_interleaved_inference_times_adapters_off_and_on_in_one_process():
+    import argparse
+
+    import lora_cost
+
+    args = argparse.Namespace(mode="interleaved", model="sam3_tiny", resolution=112, precision=None, malloc="default",
+                              images=1, prompts=2, instances=2, steps=2, warmup=0)
+    result = lora_cost.worker_infer(args)
+    assert set(result) == {"adapters_off", "unmerged"} and all(t > 0 for t in result.values())
