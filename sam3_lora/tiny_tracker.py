@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +46,8 @@ TINY_MODEL_YAMLS = ("conf/model/sam3.yaml", "conf/model/sam3_tiny.yaml")
 
 
 def tiny_model_config(repo: Path = Path(__file__).resolve().parents[1]) -> dict:
-    """`build_sam3` kwargs of conf/model/sam3_tiny.yaml with the shipped tiny weights (a source checkout)."""
+    """`build_sam3` kwargs of conf/model/sam3_tiny.yaml with the shipped tiny weights (a source checkout; the
+    tests take their tiny config from here too)."""
     from omegaconf import OmegaConf
 
     paths = [repo / p for p in TINY_MODEL_YAMLS]
@@ -164,11 +166,17 @@ def pretrain_tracker(video: nn.Module, steps: int, lr: float = 1e-3, seed: int =
 
 
 def write_full_tiny_checkpoint(video: nn.Module, base: str, out: str | Path) -> Path:
-    """The base's image-model keys unchanged + this video model's tracker and SAM2-neck keys, atomically."""
+    """The base's image-model keys unchanged + this video model's tracker and SAM2-neck keys, atomically.
+
+    Real-valued tracker tensors are stored in the base's storage dtype (fp16 for the shipped tiny base: the
+    package stays small); the model loads them into its fp32 parameters.
+    """
     from safetensors.torch import save_file
 
     image_state, _ = split_full_state(read_state_dict(resolve_checkpoint(base)))
+    storage = Counter(v.dtype for v in image_state.values() if v.is_floating_point()).most_common(1)[0][0]
     _, video_only = split_full_state(video.state_dict())
+    video_only = {k: v.to(storage) if v.is_floating_point() else v for k, v in video_only.items()}
     state = {**{"detector." + k: v for k, v in image_state.items()}, **video_only}
     with atomic_path(out) as tmp:
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from sam3_lora import compat  # noqa: F401  (its import applies the CPU compat patches)
+from sam3_lora import tiny_tracker
 from sam3.train.data.collator import collate_fn_api
 from sam3.train.data.sam3_image_dataset import Datapoint, FindQueryLoaded, Image, InferenceMetadata, Object
 
@@ -17,14 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_model_config(**overrides) -> dict:
     """`build_sam3` kwargs of conf/model/sam3_tiny.yaml (random init unless overridden)."""
-    merged = OmegaConf.merge(OmegaConf.load(REPO / "conf/model/sam3.yaml"),
-                             OmegaConf.load(REPO / "conf/model/sam3_tiny.yaml"))
-    config = OmegaConf.to_container(merged)
-    config.pop("_target_")
-    config.pop("defaults", None)
-    config["checkpoint"] = None
-    config.update(overrides)
-    return config
+    return {**tiny_tracker.tiny_model_config(REPO), "checkpoint": None, **overrides}
 
 
 def _query(text: str, object_ids: list[int], image_id: int, category_id: int, size: int) -> FindQueryLoaded:
