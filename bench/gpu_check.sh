@@ -24,7 +24,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUT/NA
 { nvidia-smi; python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } \
   > "$OUT/environment.txt" 2>&1
 
-stage pytest_gpu 150 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+stage pytest_gpu 150 python -m pytest -m gpu -n 0 -q -p no:cacheprovider tests/test_gpu.py
 stage bench_1008 200 python bench/lora_cost.py --model sam3 --resolution 1008 --modes full,lora,lean \
   --steps 3 --warmup 1 --precision bf16-mixed --json "$OUT/bench_1008.json"
 stage train_50_steps 130 python train.py data=shapes "data.root=$OUT/shapes" data.batch_size=2 data.num_workers=4 \
