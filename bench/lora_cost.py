@@ -9,7 +9,9 @@ A mode is a list of Hydra overrides of conf/train.yaml (`full` is `lora=full`, `
 is `lora.vision_last_blocks=N`; see MODES), so the bench measures exactly what `python train.py <overrides>`
 builds: the model, LoRA, the loss (incl. `module.mask_loss_points`), the optimiser groups and the precision.
 Each mode runs in a fresh subprocess, so peak memory belongs to that mode alone: peak RSS on CPU (VmHWM, reset
-after the model is built, so it is the training steps' peak), `torch.cuda.max_memory_allocated` on CUDA.
+after the model is built, so it is the training steps' peak), `torch.cuda.max_memory_allocated` on CUDA. On CPU
+the RSS includes the imported libraries (about 0.9 GB: torch, Lightning, sam3), the same in every mode; "above
+runtime" subtracts what the process held before building the model, which is what the GPU measure counts.
 The batch is synthetic (bench/crowded_batch.py): `--images` images, `--prompts` prompts per image with
 `--instances` instances each, masks at the input size; `data.max_queries_per_image` caps the prompts.
 Before the timed steps the optimiser state is allocated (one AdamW step with zero gradients), so even
@@ -98,6 +100,8 @@ def worker_train(args) -> dict:
     malloc = tune_glibc_malloc() if args.malloc == "tuned" else False
     cfg = compose_config(args.model, args.resolution, mode_overrides(args.mode), args.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # before the model exists: on CPU the RSS of the imported libraries (torch, Lightning, sam3), in every mode
+    runtime_mb = MemoryProbe(device).current() / 2**20
     torch.manual_seed(0)
     model = clear_cached_devices(build_model(cfg).to(device))
     sam3 = base_sam3(model)
@@ -141,7 +145,7 @@ def worker_train(args) -> dict:
     measured = sorted(times[args.warmup:])
     total = sum(p.numel() for p in model.parameters())
     peak_mb = max(probe.peak() / 2**20, first_step_peak_mb)  # the meter resets the peak during the first step
-    return {"step_s": measured[len(measured) // 2], "peak_mb": peak_mb,
+    return {"step_s": measured[len(measured) // 2], "peak_mb": peak_mb, "runtime_mb": runtime_mb,
             "trainable": sum(p.numel() for p in trainable), "total": total, "prompts": prompts,
             "malloc_tuned": malloc, "breakdown_mb": breakdown, "peaks_mb": peaks, "overrides": mode_overrides(args.mode)}
 
@@ -251,7 +255,7 @@ def main() -> None:
     parser.add_argument("--peaks", action="store_true",
                         help="also report each component's transient peak above its entry level (first step)")
     parser.add_argument("--parts", default="train", help="comma list of: train, infer")
-    parser.add_argument("--json", default=None, help="write {mode: {step_s, peak_mb, trainable}} (per resolution)")
+    parser.add_argument("--json", default=None, help="write {mode: {step_s, peak_mb, trainable, runtime_mb}} (per resolution)")
     parser.add_argument("--worker", choices=["train", "infer"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -286,7 +290,7 @@ def report(args) -> None:
             print_infer({mode: _spawn(args, "infer", mode, resolution) for mode in ("base", "unmerged", "merged")})
             print_interleaved(_spawn(args, "infer", "interleaved", resolution))
     if args.json:
-        flat = {r: {m: {k: v[k] for k in ("step_s", "peak_mb", "trainable")} for m, v in t.items()}
+        flat = {r: {m: {k: v[k] for k in ("step_s", "peak_mb", "trainable", "runtime_mb")} for m, v in t.items()}
                 for r, t in results.items()}
         Path(args.json).write_text(json.dumps(flat[resolutions[0]] if len(flat) == 1 else flat, indent=2))
 
@@ -296,14 +300,17 @@ def print_train(train: dict, images: int) -> None:
     full = train.get(reference)
     if full:
         print(f"\n× full: ratios to `{reference}`")
-    print("\n| mode | overrides | trainable | trainable % | s/step | images/s | × full | peak MB | × full |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| mode | overrides | trainable | trainable % | s/step | images/s | × full | peak MB | × full "
+          "| above runtime MB | × full |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in train.items():
         time_ratio = f"{r['step_s'] / full['step_s']:.2f}" if full else "-"
         memory_ratio = f"{r['peak_mb'] / full['peak_mb']:.2f}" if full else "-"
+        above = r["peak_mb"] - r["runtime_mb"]
+        above_ratio = f"{above / (full['peak_mb'] - full['runtime_mb']):.3f}" if full else "-"
         print(f"| {mode} | `{' '.join(r['overrides']) or '(defaults)'}` | {r['trainable']:,} | "
               f"{100 * r['trainable'] / r['total']:.2f} | {r['step_s']:.2f} | {images / r['step_s']:.3f} | "
-              f"{time_ratio} | {r['peak_mb']:.0f} | {memory_ratio} |")
+              f"{time_ratio} | {r['peak_mb']:.0f} | {memory_ratio} | {above:.0f} | {above_ratio} |")
 
 
 def print_breakdown(train: dict) -> None:
