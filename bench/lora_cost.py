@@ -20,8 +20,9 @@ Workers apply the project's glibc malloc settings (`sam3_lora.memory.tune_glibc_
 `--malloc default`.
 
 `--parts infer` times no-grad forwards of the base, the unmerged default LoRA and the merged export (one process
-each), then the unmerged model with its adapters off (PEFT's `disable_adapter`) and on, alternating in one
-process, so the machine's drift between processes cancels out of that ratio.
+each), then, in one process, pairs alternating forward by forward so the machine's drift between processes cancels
+out of their ratios: the unmerged model with its adapters off (PEFT's `disable_adapter`) and on, then the base
+and the merged export.
 """
 
 from __future__ import annotations
@@ -168,15 +169,29 @@ def worker_infer(args) -> dict:
         model = _reload_merged(merge_adapter(model), cfg)
     model = model.to(device).eval()
     batch = _to(crowded_batch(args.resolution, args.images, args.prompts, args.instances), device)
-    if args.mode == "interleaved":  # the same model with adapters off / on, alternating: machine drift cancels
-        times = {"adapters_off": [], "unmerged": []}
-        for _ in range(args.warmup + args.steps):
-            with model.disable_adapter():
-                times["adapters_off"].append(_timed_forward(model, batch, device))
-            times["unmerged"].append(_timed_forward(model, batch, device))
-        return {mode: _median(t[args.warmup:]) for mode, t in times.items()}
+    if args.mode == "interleaved":  # pairs timed alternately in one process: the machine's drift cancels
+        result = _alternate(lambda: _adapters_off(model, batch, device), lambda: _timed_forward(model, batch, device),
+                            ("adapters_off", "unmerged"), args)
+        base = build_model(compose_config(args.model, args.resolution, ["lora.targets=[]", "lora.modules_to_save=[]"],
+                                          args.precision)).to(device).eval()
+        merged = _reload_merged(merge_adapter(model), cfg).to(device).eval()
+        return {**result, **_alternate(lambda: _timed_forward(base, batch, device),
+                                       lambda: _timed_forward(merged, batch, device), ("base", "merged"), args)}
     times = [_timed_forward(model, batch, device) for _ in range(args.warmup + args.steps)]
     return {"infer_s": _median(times[args.warmup:])}
+
+
+def _alternate(first, second, names: tuple[str, str], args) -> dict:
+    times = {names[0]: [], names[1]: []}
+    for _ in range(args.warmup + args.steps):
+        times[names[0]].append(first())
+        times[names[1]].append(second())
+    return {name: _median(t[args.warmup:]) for name, t in times.items()}
+
+
+def _adapters_off(model, batch, device) -> float:
+    with model.disable_adapter():
+        return _timed_forward(model, batch, device)
 
 
 def _timed_forward(model, batch, device) -> float:
@@ -334,9 +349,12 @@ def print_peaks(train: dict) -> None:
 
 
 def print_interleaved(result: dict) -> None:
-    print("\nsame process, the unmerged model with adapters off (PEFT's disable_adapter) and on, alternating:\n")
-    print(f"| adapters off | unmerged | × off |\n|---:|---:|---:|\n| {result['adapters_off']:.4f} | "
-          f"{result['unmerged']:.4f} | {result['unmerged'] / result['adapters_off']:.3f} |")
+    print("\none process, pairs alternating: the unmerged model with adapters off (PEFT's disable_adapter) and on; "
+          "then the base and the merged export:\n")
+    print("| pair | first (s) | second (s) | second / first |\n|---|---:|---:|---:|")
+    for first, second in (("adapters_off", "unmerged"), ("base", "merged")):
+        print(f"| {first} → {second} | {result[first]:.4f} | {result[second]:.4f} | "
+              f"{result[second] / result[first]:.3f} |")
 
 
 def print_infer(infer: dict) -> None:
