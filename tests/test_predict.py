@@ -136,7 +136,7 @@ def test_adapter_dir_and_merged_checkpoint_predict_the_same(adapter_and_merged, 
     loaded, _ = adapter.load_model_for_inference(str(adapter_dir))
     # predict runs the adapter merged (no per-call low-rank products): a plain SAM3 without PEFT layers
     assert not isinstance(loaded, PeftModel) and not any("lora_" in name for name, _ in loaded.named_parameters())
-    from_adapter = run_predict(adapter.load_model_for_inference(str(adapter_dir))[0], shapes, tmp_path / "a")
+    from_adapter = run_predict(loaded, shapes, tmp_path / "a")
     from_merged = run_predict(adapter.load_model_for_inference(str(merged))[0], shapes, tmp_path / "m")
     assert_same_detections(keyed(from_adapter), keyed(from_merged))
     base = run_predict(adapter.load_model_for_inference(None, config)[0], shapes, tmp_path / "b")
