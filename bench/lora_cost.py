@@ -143,10 +143,9 @@ def worker_train(args) -> dict:
             peaks = [[label, round(above), round(absolute)] for label, above, absolute in meter.rows()]
             first_step_peak_mb = meter.overall / 2**20
         del out, loss
-    measured = sorted(times[args.warmup:])
     total = sum(p.numel() for p in model.parameters())
     peak_mb = max(probe.peak() / 2**20, first_step_peak_mb)  # the meter resets the peak during the first step
-    return {"step_s": measured[len(measured) // 2], "peak_mb": peak_mb, "runtime_mb": runtime_mb,
+    return {"step_s": _median(times[args.warmup:]), "peak_mb": peak_mb, "runtime_mb": runtime_mb,
             "trainable": sum(p.numel() for p in trainable), "total": total, "prompts": prompts,
             "malloc_tuned": malloc, "breakdown_mb": breakdown, "peaks_mb": peaks, "overrides": mode_overrides(args.mode)}
 
@@ -182,10 +181,13 @@ def worker_infer(args) -> dict:
 
 
 def _alternate(first, second, names: tuple[str, str], args) -> dict:
-    times = {names[0]: [], names[1]: []}
-    for _ in range(args.warmup + args.steps):
-        times[names[0]].append(first())
-        times[names[1]].append(second())
+    """Median seconds of each of two timed callables, run in turns; the order flips every round, so neither
+    always runs right after the other."""
+    timed = dict(zip(names, (first, second)))
+    times = {name: [] for name in names}
+    for round_ in range(args.warmup + args.steps):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            times[name].append(timed[name]())
     return {name: _median(t[args.warmup:]) for name, t in times.items()}
 
 

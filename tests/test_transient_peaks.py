@@ -68,3 +68,16 @@ def test_lora_cost_interleaved_inference_times_both_pairs_in_one_process():
                               images=1, prompts=2, instances=2, steps=2, warmup=0)
     result = lora_cost.worker_infer(args)
     assert set(result) == {"adapters_off", "unmerged", "base", "merged"} and all(t > 0 for t in result.values())
+
+
+def test_lora_cost_alternation_flips_the_order_and_drops_the_warm_up():
+    import argparse
+
+    import lora_cost
+
+    calls, clock = [], iter(range(1, 100))
+    timed = {name: (lambda name=name: calls.append(name) or next(clock)) for name in ("a", "b")}
+    result = lora_cost._alternate(timed["a"], timed["b"], ("a", "b"), argparse.Namespace(warmup=1, steps=3))
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    # a took 1 (warm-up), 4, 5, 8 -> median of (4, 5, 8) = 5; b took 2 (warm-up), 3, 6, 7 -> 6
+    assert result == {"a": 5, "b": 6}
