@@ -13,6 +13,7 @@ The tracker runs in eval mode with gradients on: it then learns exactly the code
 `teacher_force_obj_scores_for_mem` and `prob_to_dropout_spatial_mem`, sam3/model/sam3_tracker_base.py:334,686).
 
     python -m sam3_lora.tiny_tracker --out sam3_lora/assets/sam3_tiny_shapes.safetensors   # 2500 steps
+    python -m sam3_lora.tiny_tracker --evaluate   # the shipped tracker's IoU on held-out clips
 
 writes the tracker (`tracker.*`) and the SAM2-neck keys next to the tiny image model's, so `builtin:tiny` becomes a
 full checkpoint in sam3.pt's layout.
@@ -24,7 +25,7 @@ import argparse
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -63,13 +64,15 @@ class ClipSampler:
     """Random clips: `objects` (low, high) shapes translating at up to `max_speed` px per frame, source or target
     style. Two or more shapes per clip make the tracker tell them apart, not just segment the salient one."""
 
-    def __init__(self, size: int, num_frames: int, max_speed: float, seed: int, objects: tuple[int, int] = (2, 3)):
-        self.size, self.num_frames, self.max_speed, self.objects = size, num_frames, max_speed, objects
+    def __init__(self, size: int, num_frames: int, max_speed: float, seed: int, objects: tuple[int, int] = (2, 3),
+                 styles: tuple[str, ...] = ("source", "target")):
+        self.size, self.num_frames, self.max_speed = size, num_frames, max_speed
+        self.objects, self.styles = objects, styles
         self.rng = np.random.default_rng(seed)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(frames (T, 3, S, S) normalised like sam3's video inference, masks (T, K, 1, S, S) float)."""
-        style = str(self.rng.choice(["source", "target"]))
+        style = str(self.rng.choice(self.styles))
         count = int(self.rng.integers(self.objects[0], self.objects[1] + 1))
         trajectories = random_trajectories(self.rng, self.size, count, self.num_frames,
                                            float(self.rng.uniform(0, self.max_speed)), style)
@@ -104,14 +107,13 @@ def frame_loss(out: dict, target: torch.Tensor) -> dict:
     }
 
 
-def clip_loss(video: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> dict:
-    """Track every object of a clip from its first-frame mask; the summed weighted losses of frames 1..T-1."""
+def track_clip(video: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> Iterator[tuple[int, dict]]:
+    """Track every object of a clip from its true first-frame mask: (frame, `track_step` output) for frames 1..T-1."""
     tracker = video.tracker
     with torch.no_grad():
         sam2_out = video.detector.backbone.forward_image(images)["sam2_backbone_out"]
     num_frames, objects = masks.shape[:2]
     memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    totals = {name: images.new_zeros(()) for name in LOSS_WEIGHTS}
     for frame in range(num_frames):
         feats, pos_embeds, sizes = frame_features(tracker, sam2_out, frame, objects)
         out = tracker.track_step(
@@ -121,10 +123,38 @@ def clip_loss(video: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> di
             mask_inputs=masks[0] if frame == 0 else None, output_dict=memory, num_frames=num_frames)
         memory["cond_frame_outputs" if frame == 0 else "non_cond_frame_outputs"][frame] = out
         if frame:
-            for name, value in frame_loss(out, masks[frame]).items():
-                totals[name] = totals[name] + value / (num_frames - 1)
+            yield frame, out
+
+
+def clip_loss(video: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> dict:
+    """The weighted losses of frames 1..T-1 of `track_clip`, averaged over frames."""
+    totals = {name: images.new_zeros(()) for name in LOSS_WEIGHTS}
+    for frame, out in track_clip(video, images, masks):
+        for name, value in frame_loss(out, masks[frame]).items():
+            totals[name] = totals[name] + value / (masks.shape[0] - 1)
     totals["total"] = sum(LOSS_WEIGHTS[name] * totals[name] for name in LOSS_WEIGHTS)
     return totals
+
+
+def mean_tracked_iou(video: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
+    """Mean IoU of the tracked masks (logit > 0) with the true ones over frames 1..T-1 and every object."""
+    ious = []
+    with torch.no_grad(), compat.tensor_cuda_is_a_no_op():
+        for frame, out in track_clip(video, images, masks):
+            predicted, true = out["pred_masks_high_res"].flatten(1) > 0, masks[frame].flatten(1) > 0
+            ious.append((predicted & true).sum(1) / (predicted | true).sum(1).clamp(min=1))
+    return float(torch.cat(ious).mean())
+
+
+def held_out_ious(video: nn.Module, clips_per_count: int = 4, seed: int = 999) -> dict[int, float]:
+    """Mean tracked IoU on source-style clips of 1, 2 and 3 shapes at up to 5 px per frame (another seed than
+    training's): {shapes: IoU}."""
+    size = video.tracker.image_size
+    def clip(count: int, index: int):
+        return ClipSampler(size, 8, 5.0, seed + index, (count, count), styles=("source",))()
+
+    return {count: float(np.mean([mean_tracked_iou(video, *clip(count, i)) for i in range(clips_per_count)]))
+            for count in (1, 2, 3)}
 
 
 def tracker_parameters(video: nn.Module) -> list[nn.Parameter]:
@@ -180,14 +210,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2500)  # the shipped tracker: 14 min on one core
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="where to write the full tiny checkpoint (.safetensors)")
+    parser.add_argument("--out", help="where to write the full tiny checkpoint (.safetensors)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="no training: print the shipped tracker's mean IoU on held-out clips of 1, 2, 3 shapes")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # sam3 configures logging at import
+    if not args.evaluate and not args.out:
+        parser.error("--out is required to train (or pass --evaluate)")
+    # force: sam3 configures logging when imported
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     torch.set_num_threads(1)
     config = tiny_model_config()
+    if args.evaluate:
+        return _print_evaluation(config)
     video = build_sam3_video(config)
     pretrain_tracker(video, args.steps, lr=args.lr, seed=args.seed)
     log.info("wrote %s", write_full_tiny_checkpoint(video, config["checkpoint"], args.out))
+    return 0
+
+
+def _print_evaluation(config: dict) -> int:
+    video = build_sam3_video({**config, "checkpoint": None})
+    video.load_state_dict(read_state_dict(resolve_checkpoint(config["checkpoint"])), strict=True)
+    ious = held_out_ious(video.eval())
+    print("| shapes per clip | mean IoU, frames 1-7 (4 clips) |\n|---:|---:|")
+    for count, iou in ious.items():
+        print(f"| {count} | {iou:.3f} |")
     return 0
 
 

@@ -32,7 +32,7 @@ NUM_FRAMES = 8
 TRAJECTORIES = [Trajectory("red circle", (28, 30), (5, 2), 15), Trajectory("blue square", (84, 80), (-4, -1), 15)]
 CATEGORIES = [t.category for t in TRAJECTORIES]
 MIN_FIRST_FRAME_IOU = 0.5  # the shipped tiny base finds source-style shapes (test bbox AP50 0.67, README)
-MIN_TRACKED_IOU = 0.7      # every frame, against the true mask (0.82-0.96 measured on this clip: README, Video)
+MIN_TRACKED_IOU = 0.7      # every frame, against the true mask (0.82-0.96 when this test was written)
 
 
 def render_test_clip(out_dir, size=112):
