@@ -272,7 +272,8 @@ def main() -> None:
     parser.add_argument("--peaks", action="store_true",
                         help="also report each component's transient peak above its entry level (first step)")
     parser.add_argument("--parts", default="train", help="comma list of: train, infer")
-    parser.add_argument("--json", default=None, help="write {mode: {step_s, peak_mb, trainable, runtime_mb}} (per resolution)")
+    parser.add_argument("--json", default=None,
+                        help="write {mode: {step_s, peak_mb, trainable, runtime_mb}} (per resolution)")
     parser.add_argument("--worker", choices=["train", "infer"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
